@@ -1,0 +1,1 @@
+"""Multi-teacher and teacher-assistant distillation methods for gkd; each sub-package is one plugin module."""
