@@ -9,7 +9,8 @@ The public surface for plugin authors and research code::
 
 from gkd.hookspecs import hookimpl
 from gkd.methods.spec import FeatureUse, MethodSpec
+from gkd.plugins.registry import MethodRegistrar
 
 __version__ = "0.1.0"
 
-__all__ = ["FeatureUse", "MethodSpec", "__version__", "hookimpl"]
+__all__ = ["FeatureUse", "MethodRegistrar", "MethodSpec", "__version__", "hookimpl"]

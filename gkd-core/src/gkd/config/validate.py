@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,9 @@ class _Checker:
                 n = len(teachers)
                 if spec.kind == "multi-teacher" and n < 2:
                     self.add(f"{mwhere}.name", f"multi-teacher method '{spec.name}' needs at least 2 teachers, this stage gives it {n}")
+                elif spec.kind == "single-teacher" and n > 1:
+                    self.add(f"{mwhere}.teachers", f"single-teacher method '{spec.name}' reads one teacher, this stage gives it {n}"
+                             f" ({', '.join(map(str, teachers))}); list the one to use in methods[{k}].teachers")
                 elif n == 0:
                     self.add(f"{mwhere}.name", f"method '{spec.name}' needs a teacher, this stage has none")
 
@@ -268,6 +272,8 @@ class _Checker:
         for who, shape in models:
             for key, label in (("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"), ("ffn_hidden_size", "FFN width")):
                 value = shape.get(key)
+                if key == "num_kv_heads" and value == shape.get("num_heads"):
+                    continue  # no grouped-query attention: already reported with the heads
                 if isinstance(value, int) and value % tp:
                     self.add("parallel.tensor_parallel", f"{tp} must divide the {label} of {who} ({value})")
 
@@ -349,7 +355,12 @@ def check_config(raw: dict[str, Any], base_dir: Path, registry: MethodRegistry |
     raw = apply_defaults(run_schema(), raw) if isinstance(raw, dict) else raw
     checker = _Checker(raw, base_dir, registry)
     checker.run()
-    return checker.issues
+    return sorted(checker.issues, key=lambda i: _natural(i.path))
+
+
+def _natural(path: str) -> list[tuple[int, Any]]:
+    """Sort key putting ``stages[2]`` before ``stages[10]``."""
+    return [(0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.split(r"(\d+)", path)]
 
 
 def build_run_config(raw: dict[str, Any], *, base_dir: Path, registry: MethodRegistry | None = None,

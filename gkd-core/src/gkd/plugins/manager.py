@@ -28,6 +28,8 @@ ENTRY_POINT_GROUP = "gkd.methods"
 ENV_LOAD = "GKD_LOAD_METHODS"
 ENV_DISABLE = "GKD_DISABLE_METHODS"
 ENV_TRACE = "GKD_TRACE_HOOKS"
+BUILTIN_DISTRIBUTIONS = ("gkd-methods-builtin", "gkd-methods-multiteacher")
+"""Loaded first, so a third-party plugin can never take a built-in method's name."""
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -46,7 +48,11 @@ def _entry_points() -> list[md.EntryPoint]:
         if key not in seen:
             seen.add(key)
             result.append(ep)
-    return sorted(result, key=lambda e: e.name)
+    def order(ep: md.EntryPoint) -> tuple[int, str, str]:
+        dist = ep.dist.name if ep.dist else ""
+        return (0 if dist in BUILTIN_DISTRIBUTIONS else 1, dist, ep.name)
+
+    return sorted(result, key=order)
 
 
 class GkdPluginManager:

@@ -1,0 +1,178 @@
+"""The runtime method API: what a method does at every iteration.
+
+A method is an ``nn.Module`` (so its trainable parameters — TinyBERT's ``W_h``, an RL-KD
+agent — live in the auxiliary model and are optimised, sharded and checkpointed with the
+student). Each step the engine asks it for a *plan* per forward pass, runs the models with
+the merged plans of all selected methods, and hands each method exactly the features it
+asked for. One step, for every method ``m``::
+
+    state = states[m]                          # explicit, JSON-serialisable, checkpointed
+    p = 0
+    while (plan := m.plan(step, state, p, previous)) is not None:
+        ...engine merges plans of all methods for pass p and runs the models...
+        terms = m.loss(step, state, p, outputs_for_m)   # {"hidden": tensor, ...}
+        previous = outputs_for_m; p += 1
+    m.after_step(step, state, logged_terms)
+
+Nothing here reads global state: ``StepContext`` carries the stage, iteration, schedule
+position and a generator seeded from (run seed, stage, iteration, method), so random choices
+(random layers, Theseus replacement, DIITO spans) are reproducible and survive a resume
+without storing RNG state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+STUDENT = "student"
+
+
+def teacher_key(name: str) -> str:
+    """Model key of a teacher in plans and outputs: ``teacher:<name>``."""
+    return f"teacher:{name}"
+
+
+Operation = Callable[..., Any]
+"""An operation hook: called with the value at its tap point, returns the replacement
+(for the special point ``layers``: receives and returns the list of layer modules)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a method may know about a model before it is built."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    num_labels: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Build-time facts handed to a method's constructor."""
+
+    student: ModelShape
+    teachers: Mapping[str, ModelShape]
+    """The teachers this method reads, in config order (keys are teacher names)."""
+    task: str
+    stage_kind: str
+    tensor_parallel: int = 1
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return list(self.teachers)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training is, given explicitly to every method call."""
+
+    stage: str
+    stage_index: int
+    epoch: int
+    iteration: int
+    """0-based optimizer step within the stage."""
+    total_iterations: int
+    generator: torch.Generator
+    """Seeded from (run seed, stage, iteration, method name): use it for every random choice."""
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the stage done, in [0, 1)."""
+        return self.iteration / max(1, self.total_iterations)
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """What a method needs from one model in one pass."""
+
+    features: frozenset[str] = frozenset()
+    operations: Mapping[str, Operation] = field(default_factory=dict)
+    grad: bool = False
+    """Teachers only: run with autograd (e.g. a method that backpropagates through a teacher)."""
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """A method's requests for one forward pass, keyed by model (``student``, ``teacher:<name>``).
+
+    A model a method does not mention is not run for it; the student always runs in pass 0.
+    """
+
+    models: Mapping[str, ForwardRequest]
+
+    @staticmethod
+    def of(**by_model: ForwardRequest) -> PassPlan:
+        return PassPlan(dict(by_model))
+
+
+@dataclass
+class ModelOutputs:
+    """One model's results of one pass, restricted to what the method requested."""
+
+    features: Mapping[str, torch.Tensor]
+    logits: torch.Tensor
+    task_loss: torch.Tensor | None = None
+    """Mean task (hard) loss of this model on the batch, when labels exist."""
+    task_loss_per_example: torch.Tensor | None = None
+
+
+@dataclass
+class PassOutputs:
+    batch: Mapping[str, torch.Tensor]
+    """``input_ids``, ``attention_mask`` (1 = token, 0 = padding), and ``labels`` when present."""
+    models: Mapping[str, ModelOutputs]
+
+    @property
+    def student(self) -> ModelOutputs:
+        return self.models[STUDENT]
+
+    def teacher(self, name: str) -> ModelOutputs:
+        return self.models[teacher_key(name)]
+
+
+class Method(nn.Module):
+    """Base class of runtime methods; subclasses set ``name`` and implement ``plan``/``loss``.
+
+    Args:
+        config: The method's config, validated against its schema and defaulted.
+        context: Shapes of student and teachers, task and parallel layout.
+    """
+
+    name: str = ""
+
+    def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.context = context
+
+    def initial_state(self) -> dict[str, Any]:
+        """Per-method state at the start of a stage (JSON-serialisable; checkpointed)."""
+        return {}
+
+    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int,
+             previous: PassOutputs | None) -> PassPlan | None:
+        """Requests for pass ``pass_index``; return None to stop (pass 0 must return a plan)."""
+        raise NotImplementedError
+
+    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int,
+             outputs: PassOutputs) -> dict[str, torch.Tensor]:
+        """Named loss terms of this pass (each logged as ``<method>.<term>``), before ``weight``."""
+        raise NotImplementedError
+
+    def after_step(self, step: StepContext, state: dict[str, Any], terms: Mapping[str, float]) -> None:
+        """Update ``state`` once the optimizer step is done (schedules, counters). Default: nothing."""
+        return None

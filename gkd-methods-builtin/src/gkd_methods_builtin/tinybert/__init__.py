@@ -1,0 +1,34 @@
+"""TinyBERT method plugin."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
+from gkd_methods_builtin.tinybert.method import TinyBERT
+
+SPEC = MethodSpec(
+    name="tinybert",
+    summary="TinyBERT: embedding + hidden MSE through a learned W_h, attention-score MSE, prediction soft CE.",
+    citation="Jiao et al. TinyBERT: Distilling BERT for Natural Language Understanding. Findings of EMNLP 2020.",
+    kind="single-teacher",
+    stages=("pretrain", "task"),
+    features=FeatureUse(
+        teacher=("embeddings", "layers.{i}.output", "layers.{i}.attention.scores", "logits"),
+        student=("embeddings", "layers.{i}.output", "layers.{i}.attention.scores", "logits"),
+    ),
+    has_parameters=True,
+    config_schema=json.loads(resources.files(__name__).joinpath("schema.json").read_text()),
+    factory=TinyBERT,
+    notes="Run general distillation (prediction: false) then a task step with hidden/attention/embeddings false and "
+          "prediction: true, as two stages. Fixes vs. the reference: W_h is applied inside TinyBERT's loss only, so "
+          "combined methods never see projected features; padded and causally masked attention entries are excluded "
+          "from the score MSE instead of cancelling through a -65504 fill; the random layer choice is part of the "
+          "checkpointed method state.",
+)
+
+
+@hookimpl
+def gkd_register_methods(register: MethodRegistrar) -> None:
+    register(SPEC)

@@ -1,0 +1,123 @@
+"""TinyBERT (Jiao et al., 2020): embedding, hidden-state and attention-score distillation
+through a learned projection ``W_h``, then prediction-layer distillation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkd.engine.method import (
+    STUDENT,
+    ForwardRequest,
+    Method,
+    MethodContext,
+    PassOutputs,
+    PassPlan,
+    StepContext,
+    teacher_key,
+)
+from gkd.methods import losses
+from gkd.methods.layers import hidden_tap, random_map, uniform_map
+from gkd.plugins.errors import GkdError
+
+
+def attention_valid_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``[b, 1, s, s]`` bool: query and key are real tokens (and key ≤ query when causal)."""
+    keep = attention_mask.bool()
+    valid = keep[:, None, :, None] & keep[:, None, None, :]
+    if causal:
+        s = attention_mask.shape[1]
+        valid = valid & torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
+    return valid
+
+
+def score_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """MSE of attention scores over valid (query, key) pairs of every head.
+
+    Masked scores hold a large negative fill value; they are dropped before subtracting so
+    that the fill value never enters the arithmetic.
+    """
+    v = valid.expand_as(student)
+    diff = torch.where(v, student.float() - teacher.float(), torch.zeros((), device=student.device))
+    return (diff**2).sum() / v.sum().clamp_min(1)
+
+
+class TinyBERT(Method):
+    name = "tinybert"
+
+    def __init__(self, config: dict[str, Any], context: MethodContext) -> None:
+        super().__init__(config, context)
+        s, t = context.student, next(iter(context.teachers.values()))
+        if self.config["attention"] and s.num_heads != t.num_heads:
+            raise GkdError(
+                f"tinybert: the attention loss needs equal head counts (student {s.num_heads}, teacher {t.num_heads});"
+                " set config.attention: false or give the student as many heads"
+            )
+        # One projection shared by every hidden pair, embeddings included, as in the paper.
+        self.proj = nn.Linear(s.hidden_size, t.hidden_size)
+
+    @property
+    def _teacher(self) -> str:
+        return self.context.teacher_names[0]
+
+    def initial_state(self) -> dict[str, Any]:
+        t, s = next(iter(self.context.teachers.values())).num_layers, self.context.student.num_layers
+        return {"teacher_map": uniform_map(t, s), "map_block": -1}
+
+    def _teacher_map(self, step: StepContext, state: dict[str, Any]) -> list[int]:
+        if self.config["layer_mapping"] == "random":
+            block = step.iteration // self.config["random_every_steps"]
+            if block != state["map_block"]:
+                t, s = next(iter(self.context.teachers.values())).num_layers, self.context.student.num_layers
+                state["teacher_map"] = random_map(t, s, step.generator)
+                state["map_block"] = block
+        return list(state["teacher_map"])
+
+    def pairs(self, teacher_map: list[int]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(hidden pairs, attention pairs) as (student tap, teacher tap) names."""
+        cfg, s_layers = self.config, self.context.student.num_layers
+        hidden: list[tuple[str, str]] = []
+        if cfg["embeddings"]:
+            hidden.append((hidden_tap(0), hidden_tap(0)))
+        if cfg["hidden"]:
+            hidden += [(hidden_tap(j), hidden_tap(teacher_map[j])) for j in range(1, s_layers + 1)]
+        attention: list[tuple[str, str]] = []
+        if cfg["attention"]:
+            # Student layer j imitates the last teacher layer of its block.
+            attention = [(f"layers.{j}.attention.scores", f"layers.{teacher_map[j + 1] - 1}.attention.scores")
+                         for j in range(s_layers)]
+        return hidden, attention
+
+    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassOutputs | None) -> PassPlan | None:
+        if pass_index > 0:
+            return None
+        hidden, attention = self.pairs(self._teacher_map(step, state))
+        return PassPlan({
+            STUDENT: ForwardRequest(features=frozenset(s for s, _ in hidden + attention)),
+            teacher_key(self._teacher): ForwardRequest(features=frozenset(t for _, t in hidden + attention)),
+        })
+
+    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassOutputs) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        hidden, attention = self.pairs(list(state["teacher_map"]))
+        s_out, t_out = outputs.student, outputs.teacher(self._teacher)
+        mask = outputs.batch["attention_mask"]
+        terms: dict[str, torch.Tensor] = {}
+        if hidden:
+            terms["hidden"] = cfg["hidden_weight"] * sum(
+                (losses.mse(self.proj(s_out.features[s]), t_out.features[t], mask) for s, t in hidden),
+                start=torch.zeros(()),
+            )
+        if attention:
+            valid = attention_valid_mask(mask, causal=self.context.student.family == "decoder")
+            terms["attention"] = cfg["attention_weight"] * sum(
+                (score_mse(s_out.features[s], t_out.features[t], valid) for s, t in attention),
+                start=torch.zeros(()),
+            )
+        if cfg["prediction"]:
+            lmask = mask if s_out.logits.dim() == 3 else None
+            terms["prediction"] = cfg["prediction_weight"] * losses.soft_cross_entropy(
+                s_out.logits, t_out.logits, cfg["temperature"], lmask)
+        return terms

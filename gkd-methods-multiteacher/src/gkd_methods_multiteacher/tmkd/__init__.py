@@ -1,0 +1,27 @@
+"""TMKD method plugin (multi-teacher)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
+from gkd_methods_multiteacher.tmkd.method import TMKD
+
+SPEC = MethodSpec(
+    name="tmkd",
+    summary="TMKD: the student matches the logits of several teachers, soft losses averaged over teachers.",
+    citation="Yang et al. Model Compression with Two-stage Multi-teacher Knowledge Distillation for Web Question "
+             "Answering System. WSDM 2020.",
+    kind="multi-teacher",
+    stages=("pretrain", "task"),
+    features=FeatureUse(teacher=("logits",), student=("logits",)),
+    config_schema=json.loads(resources.files(__name__).joinpath("schema.json").read_text()),
+    factory=TMKD,
+    notes="As in the GKD reference, the original multi-header student is not built; the hard loss is added once.",
+)
+
+
+@hookimpl
+def gkd_register_methods(register: MethodRegistrar) -> None:
+    register(SPEC)

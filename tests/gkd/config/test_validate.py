@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gkd.config import ConfigError, load_run_config
+from gkd.config.loader import apply_overrides
+from gkd.plugins import load_plugin_manager
+
+EXAMPLE = Path(__file__).parents[3] / "examples" / "reuters-minilm" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugin_manager().registry
+
+
+def write_checkpoint(path: Path, **overrides) -> Path:
+    path.mkdir(parents=True)
+    cfg = {"model_type": "bert", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+           "intermediate_size": 128} | overrides
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def base_config(tmp_path: Path) -> dict:
+    write_checkpoint(tmp_path / "teacher")
+    write_checkpoint(tmp_path / "teacher2")
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    return {
+        "task": {"type": "sequence_classification"},
+        "data": {"train": {"path": "train.jsonl"}},
+        "teachers": [{"name": "big", "path": "teacher"}, {"name": "big2", "path": "teacher2"}],
+        "student": {"init": {"strategy": "truncate", "teacher": "big", "num_layers": 2}},
+        "stages": [{"name": "kd", "steps": 5, "teachers": ["big"], "methods": [{"name": "kd"}]}],
+    }
+
+
+def load(tmp_path: Path, cfg: dict, registry, overrides=()):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_run_config(path, overrides, registry=registry)
+
+
+def messages(tmp_path, cfg, registry, overrides=()) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, cfg, registry, overrides)
+    return [str(i) for i in info.value.issues]
+
+
+def test_shipped_example_is_valid(registry):
+    run = load_run_config(EXAMPLE, registry=registry)
+    assert [s.name for s in run.stages] == ["teacher-finetune", "tinybert", "kd"]
+    assert run.stages[0].trains_teacher == "minilm"
+    kd = run.stages[2].methods[0]
+    # method defaults filled from the method's schema, user values kept
+    assert kd.config == {"temperature": 2.0, "soft_loss": "kl", "hard_weight": 1.0, "soft_weight": 1.0}
+    assert run.stages[1].optimizer["lr"] == 2e-4 and run.stages[1].optimizer["weight_decay"] == 0.01
+    assert run.teachers[0].path.joinpath("model.safetensors").is_file()
+
+
+def test_three_mistakes_three_lines(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["stages"][0]["methods"][0]["config"] = {"temperature": -1}
+    cfg["stages"][0]["stepz"] = 3
+    cfg["student"]["init"]["teacher"] = "bgi"
+    assert messages(tmp_path, cfg, registry) == [
+        "stages[0].methods[0].config.temperature: -1 is less than or equal to the minimum of 0",
+        "stages[0].stepz: unknown key; did you mean 'steps'?",
+        "student.init.teacher: unknown teacher 'bgi'; did you mean 'big'?",
+    ]
+
+
+def test_cross_field_rules(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["parallel"] = {"tensor_parallel": 3, "zero": {"stage": 2, "offload_param": True}}
+    cfg["stages"][0]["teachers"] = ["big", "big2"]
+    cfg["stages"].append({"name": "multi", "epochs": 1, "teachers": ["big"], "methods": [{"name": "tmkd"}]})
+    cfg["stages"].append({"name": "ft", "steps": 1, "train": "teacher:nope"})
+    found = messages(tmp_path, cfg, registry)
+    assert "parallel.zero.offload_param: parameter offload needs ZeRO stage 3 (stage is 2)" in found
+    assert "parallel.tensor_parallel: 3 must divide the attention heads of teacher 'big' (4)" in found
+    assert "parallel.tensor_parallel: 3 must divide the attention heads of the student (4)" in found
+    assert any(m.startswith("stages[0].methods[0].teachers: single-teacher method 'kd' reads one teacher") for m in found)
+    assert "stages[1].methods[0].name: multi-teacher method 'tmkd' needs at least 2 teachers, this stage gives it 1" in found
+    assert any(m.startswith("stages[2].train: unknown teacher 'nope'") for m in found)
+
+
+def test_unknown_and_misplaced_methods(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["stages"][0]["methods"] = [{"name": "tinybrt"}]
+    (found,) = messages(tmp_path, cfg, registry)
+    assert found.startswith("stages[0].methods[0].name: unknown method 'tinybrt'; did you mean 'tinybert'?")
+
+
+def test_paths_and_truncation_ranges(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["data"]["eval"] = {"path": "missing.jsonl"}
+    cfg["student"]["init"] = {"strategy": "truncate", "teacher": "big", "layers": [0, 7]}
+    found = messages(tmp_path, cfg, registry)
+    assert any(m.startswith("data.eval.path: data file not found:") for m in found)
+    assert "student.init.layers: layer indices [7] are out of range for a 4-layer teacher (0..3)" in found
+
+
+def test_set_overrides(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    run = load(tmp_path, cfg, registry, ["stages[0].steps=9", "training.batch_size=4", "stages[0].methods[0].config.temperature=3"])
+    assert run.stages[0].steps == 9 and run.stages[0].training["batch_size"] == 4
+    assert run.stages[0].methods[0].config["temperature"] == 3
+    found = messages(tmp_path, cfg, registry, ["trainig.batch_size=4"])
+    assert found == ["trainig: unknown key; did you mean 'training'?"]
+
+
+def test_override_syntax_errors():
+    cfg = {"stages": [{"name": "a"}]}
+    issues = apply_overrides(cfg, ["noequals", "stages[3].steps=1", "stages[0].name.x=1"])
+    assert [str(i) for i in issues] == [
+        "--set: 'noequals' is not of the form key.path=value (e.g. stages[0].steps=100)",
+        "stages[3]: index out of range in --set stages[3].steps (the list has 1 item(s))",
+        "stages[0].name.x: cannot set a key inside a str (--set stages[0].name.x)",
+    ]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, registry):
+    path = tmp_path / "broken.yaml"
+    path.write_text("task:\n  type: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
+        load_run_config(path, registry=registry)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gkd.methods import losses
+from gkd.methods.layers import hidden_tap, random_map, stride_map, uniform_map
+
+
+def test_uniform_map():
+    assert uniform_map(12, 6) == [0, 2, 4, 6, 8, 10, 12]
+    assert uniform_map(24, 6) == [0, 4, 8, 12, 16, 20, 24]
+    assert uniform_map(12, 5) == [0, 3, 6, 8, 10, 12]
+    assert uniform_map(6, 3) == [0, 2, 4, 6]
+    with pytest.raises(ValueError):
+        uniform_map(3, 4)
+
+
+def test_stride_and_random_maps():
+    assert stride_map(12, 5) == [0, 2, 4, 6, 8, 10]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    m = random_map(12, 4, g1)
+    assert m == random_map(12, 4, g2)
+    assert m[0] == 0 and m[-1] == 12 and m == sorted(m) and len(set(m)) == 5
+    assert hidden_tap(0) == "embeddings" and hidden_tap(3) == "layers.2.output"
+
+
+def test_masked_means_ignore_padding():
+    s = torch.tensor([[[1.0, 2.0], [5.0, 5.0]]])
+    t = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 0]])
+    assert losses.mse(s, t, mask).item() == pytest.approx((1 + 4) / 2)
+    assert losses.mse(s, t).item() == pytest.approx((1 + 4 + 25 + 25) / 4)
+
+
+def test_kl_soft_ce_and_cosine_match_formulas():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    tau = 2.0
+    p_t = torch.softmax(t / tau, -1)
+    expected_kl = (p_t * (p_t.log() - torch.log_softmax(s / tau, -1))).sum(-1).mean() * tau**2
+    assert losses.kl_divergence(s, t, tau).item() == pytest.approx(expected_kl.item(), rel=1e-6)
+    expected_ce = -(p_t * torch.log_softmax(s / tau, -1)).sum(-1).mean()
+    assert losses.soft_cross_entropy(s, t, tau).item() == pytest.approx(expected_ce.item(), rel=1e-6)
+    cos = torch.nn.functional.cosine_similarity(s, t, dim=-1)
+    assert losses.cosine_distance(s, t).item() == pytest.approx((1 - cos).mean().item(), rel=1e-6)
+    probs_s, probs_t = torch.softmax(s, -1), torch.softmax(t, -1)
+    assert losses.kl_between_distributions(probs_s, probs_t).item() == pytest.approx(
+        losses.kl_divergence(s, t, 1.0).item(), rel=1e-5)
+
+
+def test_task_loss_per_example():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 0])
+    per = losses.task_loss_per_example(logits, labels)
+    assert per[0].item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + 1)), rel=1e-6)
+    tok = torch.zeros(1, 3, 4)
+    tok_labels = torch.tensor([[1, -100, 2]])
+    assert losses.task_loss_per_example(tok, tok_labels).item() == pytest.approx(math.log(4), rel=1e-6)
