@@ -113,6 +113,9 @@ class PassPlan:
     """
 
     models: Mapping[str, ForwardRequest]
+    contributes_to_loss: bool = True
+    """False: this pass's terms are logged and visible to later passes (``PassOutputs.terms``)
+    but not added to the optimised total (LRC-BERT's gradient-probe pass)."""
 
     @staticmethod
     def of(**by_model: ForwardRequest) -> PassPlan:
@@ -135,6 +138,9 @@ class PassOutputs:
     batch: Mapping[str, torch.Tensor]
     """``input_ids``, ``attention_mask`` (1 = token, 0 = padding), and ``labels`` when present."""
     models: Mapping[str, ModelOutputs]
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Filled by the engine after ``loss``: this method's terms of this pass, with their graph,
+    so a later pass can differentiate them (e.g. w.r.t. a captured feature)."""
 
     @property
     def student(self) -> ModelOutputs:
@@ -158,6 +164,11 @@ class Method(nn.Module):
         super().__init__()
         self.config = dict(config)
         self.context = context
+
+    def setup(self, models: Mapping[str, nn.Module]) -> None:
+        """Called once the models exist (keys ``student``, ``teacher:<name>``). Keep references
+        in a plain dict, never as sub-modules: teachers must not join the auxiliary model."""
+        return None
 
     def initial_state(self) -> dict[str, Any]:
         """Per-method state at the start of a stage (JSON-serialisable; checkpointed)."""

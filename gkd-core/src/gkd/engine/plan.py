@@ -1,0 +1,64 @@
+"""Merging the per-pass plans of several methods into one request per model.
+
+A feature two methods ask for is extracted once and both receive the same tensor; each
+method's view contains only the names it requested. Operations at the same point of the
+same model are composed in method order (the order of the stage's ``methods`` list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gkd.engine.method import STUDENT, Operation, PassPlan
+
+
+@dataclass
+class ModelRequest:
+    """The merged request for one model in one pass."""
+
+    features: set[str] = field(default_factory=set)
+    operations: dict[str, list[tuple[str, Operation]]] = field(default_factory=dict)
+    """point → [(method name, operation), …] in method order."""
+    grad: bool = False
+
+    def composed_operations(self) -> dict[str, Operation]:
+        """One callable per point: each method's operation applied to the previous one's result."""
+        return {point: _compose(ops) for point, ops in self.operations.items()}
+
+
+def _compose(ops: list[tuple[str, Operation]]) -> Operation:
+    if len(ops) == 1:
+        return ops[0][1]
+    fns: list[Callable[..., Any]] = [fn for _, fn in ops]
+
+    def composed(value: Any) -> Any:
+        for fn in fns:
+            value = fn(value)
+        return value
+
+    return composed
+
+
+@dataclass
+class MergedPass:
+    requests: dict[str, ModelRequest]
+    """Model key → merged request; the order is student first, then teachers in first-use order."""
+    plans: dict[str, PassPlan]
+    """Method name → its own plan (to slice its features out of the merged results)."""
+
+
+def merge_plans(plans: Mapping[str, PassPlan], *, include_student: bool = True) -> MergedPass:
+    """Merge method plans of one pass; ``include_student`` forces a student forward (pass 0)."""
+    requests: dict[str, ModelRequest] = {STUDENT: ModelRequest()} if include_student else {}
+    for method, plan in plans.items():
+        for model, req in plan.models.items():
+            merged = requests.setdefault(model, ModelRequest())
+            merged.features |= set(req.features)
+            merged.grad = merged.grad or req.grad
+            for point, op in req.operations.items():
+                merged.operations.setdefault(point, []).append((method, op))
+    if STUDENT in requests:  # student first: teachers may need nothing from it, but ordering is stable
+        requests = {STUDENT: requests[STUDENT], **{k: v for k, v in requests.items() if k != STUDENT}}
+    return MergedPass(requests, dict(plans))

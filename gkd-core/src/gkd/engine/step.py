@@ -1,0 +1,137 @@
+"""The distillation step, written once for every task, method combination and stage.
+
+One call runs all forward passes the selected methods ask for on one micro-batch and returns
+the weighted total loss plus every term, named ``<method>.<term>``. See
+:mod:`gkd.engine.method` for the protocol seen from a method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkd.engine.method import STUDENT, Method, ModelOutputs, PassOutputs, PassPlan, StepContext
+from gkd.engine.plan import MergedPass, merge_plans
+from gkd.methods.losses import task_loss_per_example
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_PASSES = 16
+
+
+@dataclass
+class SelectedMethod:
+    """A method as used in one stage: runtime object, weight and its explicit state."""
+
+    method: Method
+    weight: float
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    """Weighted sum of contributing terms (what is backpropagated)."""
+    terms: dict[str, torch.Tensor]
+    """Every term, weighted, keyed ``<method>.<term>`` (``task`` for plain training)."""
+
+
+def method_generator(seed: int, stage: str, iteration: int, method: str) -> torch.Generator:
+    """A generator that depends only on (seed, stage, iteration, method): reproducible on resume."""
+    digest = hashlib.sha256(f"{seed}/{stage}/{iteration}/{method}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def step_context(seed: int, stage: str, stage_index: int, epoch: int, iteration: int, total: int,
+                 method: str) -> StepContext:
+    return StepContext(stage, stage_index, epoch, iteration, total, method_generator(seed, stage, iteration, method))
+
+
+def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def _run_model(model: nn.Module, batch: Mapping[str, torch.Tensor], features: set[str],
+               operations: Mapping[str, Any], grad: bool) -> tuple[Any, dict[str, torch.Tensor]]:
+    ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    with ctx, model.capture(features=features, operations=operations) as captured:  # type: ignore[operator]
+        out = model(**_model_inputs(batch))
+    return out, dict(captured)
+
+
+def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping[str, torch.Tensor],
+             *, teacher_grad: bool = False) -> dict[str, ModelOutputs]:
+    """Run every model the merged plan needs; the student with autograd, teachers without
+    (unless a method asked for gradients through one)."""
+    labels = batch.get("labels")
+    results: dict[str, ModelOutputs] = {}
+    for key, req in merged.requests.items():
+        if key not in models:
+            raise KeyError(f"a method asked for model '{key}', but this stage only has {sorted(models)}")
+        grad = key == STUDENT or req.grad or teacher_grad
+        out, feats = _run_model(models[key], batch, req.features, req.composed_operations(), grad)
+        per_example = task_loss_per_example(out.logits, labels) if labels is not None else None
+        results[key] = ModelOutputs(feats, out.logits, per_example.mean() if per_example is not None else None,
+                                    per_example)
+    return results
+
+
+def _view(plan: PassPlan, results: Mapping[str, ModelOutputs], batch: Mapping[str, torch.Tensor]) -> PassOutputs:
+    """A method's own view: only the models and features it requested."""
+    models = {}
+    for key, req in plan.models.items():
+        full = results[key]
+        models[key] = ModelOutputs({n: full.features[n] for n in req.features}, full.logits, full.task_loss,
+                                   full.task_loss_per_example)
+    return PassOutputs(batch=batch, models=models)
+
+
+def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, SelectedMethod],
+                 contexts: Mapping[str, StepContext], batch: Mapping[str, torch.Tensor]) -> StepResult:
+    """Forward passes + losses of one micro-batch. ``methods`` empty means plain training."""
+    if not methods:
+        out = run_pass(models, merge_plans({}), batch)[STUDENT]
+        if out.task_loss is None:
+            raise ValueError("plain training needs labels in the batch")
+        return StepResult(out.task_loss, {"task": out.task_loss})
+
+    terms: dict[str, torch.Tensor] = {}
+    total: torch.Tensor | None = None
+    previous: dict[str, PassOutputs | None] = dict.fromkeys(methods)
+    active = list(methods)
+    for pass_index in range(MAX_PASSES):
+        plans: dict[str, PassPlan] = {}
+        for name in active:
+            sel = methods[name]
+            plan = sel.method.plan(contexts[name], sel.state, pass_index, previous[name])
+            if plan is None and pass_index == 0:
+                raise RuntimeError(f"method '{name}' returned no plan for pass 0")
+            if plan is not None:
+                plans[name] = plan
+        if not plans:
+            break
+        merged = merge_plans(plans, include_student=pass_index == 0)
+        results = run_pass(models, merged, batch)
+        for name, plan in plans.items():
+            sel = methods[name]
+            view = _view(plan, results, batch)
+            method_terms = sel.method.loss(contexts[name], sel.state, pass_index, view)
+            view.terms = method_terms
+            previous[name] = view
+            for term, value in method_terms.items():
+                key = f"{name}.{term}" if pass_index == 0 else f"{name}.pass{pass_index}.{term}"
+                weighted = sel.weight * value
+                terms[key] = weighted
+                if plan.contributes_to_loss:
+                    total = weighted if total is None else total + weighted
+        active = list(plans)
+    else:
+        raise RuntimeError(f"methods {active} asked for more than {MAX_PASSES} forward passes in one step")
+    if total is None:
+        raise RuntimeError("the selected methods produced no loss term for this step")
+    return StepResult(total, terms)
