@@ -31,8 +31,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from gkd.cli import config_cmd, env, methods, validate
+    from gkd.cli import config_cmd, distill, env, methods, validate
 
+    cli.add_command(distill.distill)
     cli.add_command(methods.methods)
     cli.add_command(validate.validate)
     cli.add_command(env.env)

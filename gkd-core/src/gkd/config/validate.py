@@ -123,8 +123,10 @@ class _Checker:
             if isinstance(ds, dict):
                 self.path(ds.get("path"), f"{where}.{split}.path", kind="data file")
 
-    def check_student_init(self, init: Any, where: str, arch: Any) -> dict[str, Any] | None:
-        """Check a student_init block; returns the student's expected shape when known."""
+    def check_student_init(self, init: Any, where: str, arch: Any, published: set[str] | None = None) -> dict[str, Any] | None:
+        """Check a student_init block; returns the student's expected shape when known.
+
+        ``published``: teachers published by earlier stages (their shape is not known yet)."""
         if not isinstance(init, dict):
             return None
         strategy = init.get("strategy")
@@ -145,7 +147,7 @@ class _Checker:
             elif name is None and "path" not in init:
                 self.add(where, "strategy 'random' needs 'teacher' or 'path' to take the model shape from")
             elif name is not None:
-                shape = self.teacher_ref(name, f"{where}.teacher")
+                shape = self.teacher_ref(name, f"{where}.teacher", published)
                 if shape is not None:
                     shape = dict(shape)
             else:
@@ -222,7 +224,7 @@ class _Checker:
             if isinstance(stage.get("data"), dict):
                 self.check_data(stage["data"], f"{where}.data")
             if isinstance(stage.get("student_init"), dict):
-                self.check_student_init(stage["student_init"], f"{where}.student_init", None)
+                self.check_student_init(stage["student_init"], f"{where}.student_init", None, published)
             pub = stage.get("publish_as_teacher")
             if isinstance(pub, str):
                 if pub in available:
@@ -308,11 +310,14 @@ def _init(raw: dict[str, Any], base: Path) -> StudentInit:
     )
 
 
-def _build(raw: dict[str, Any], base: Path, registry: MethodRegistry | None, source: Path | None) -> RunConfig:
-    all_teachers = [t["name"] for t in raw["teachers"]]
+def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: MethodRegistry | None,
+           source: Path | None) -> RunConfig:
+    """``raw`` is the defaulted config; ``user`` the config as written (stage overrides come
+    from it, so a stage's partial ``training`` block does not reset the top-level values)."""
+    available = [t["name"] for t in raw["teachers"]]
     stages = []
-    for s in raw["stages"]:
-        stage_teachers = tuple(s.get("teachers", all_teachers))
+    for s, user_stage in zip(raw["stages"], user["stages"], strict=True):
+        stage_teachers = tuple(s.get("teachers", available))
         methods = []
         for m in s["methods"]:
             schema = registry.get(m["name"]).spec.config_schema if registry is not None else {}
@@ -324,12 +329,14 @@ def _build(raw: dict[str, Any], base: Path, registry: MethodRegistry | None, sou
             steps=s.get("steps"), epochs=s.get("epochs"),
             train_data=_dataset(data.get("train"), base) or _dataset(raw["data"]["train"], base),  # type: ignore[arg-type]
             eval_data=_dataset(data.get("eval"), base) or _dataset(raw["data"].get("eval"), base),
-            optimizer={**raw["optimizer"], **s.get("optimizer", {})},
-            schedule={**raw["schedule"], **s.get("schedule", {})},
-            training={**raw["training"], **s.get("training", {})},
+            optimizer={**raw["optimizer"], **user_stage.get("optimizer", {})},
+            schedule={**raw["schedule"], **user_stage.get("schedule", {})},
+            training={**raw["training"], **user_stage.get("training", {})},
             publish_as_teacher=s.get("publish_as_teacher"),
             student_init=_init(s["student_init"], base) if "student_init" in s else None,
         ))
+        if "publish_as_teacher" in s:  # later stages see the published teacher by default, as validation does
+            available.append(s["publish_as_teacher"])
     zero = raw["parallel"]["zero"]
     return RunConfig(
         name=raw["name"],
@@ -369,7 +376,7 @@ def build_run_config(raw: dict[str, Any], *, base_dir: Path, registry: MethodReg
     issues = check_config(raw, base_dir, registry)
     if issues:
         raise ConfigError(issues, str(source) if source else None)
-    return _build(apply_defaults(run_schema(), copy.deepcopy(raw)), base_dir, registry, source)
+    return _build(apply_defaults(run_schema(), copy.deepcopy(raw)), raw, base_dir, registry, source)
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,

@@ -181,7 +181,8 @@ class Method(nn.Module):
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int,
              outputs: PassOutputs) -> dict[str, torch.Tensor]:
-        """Named loss terms of this pass (each logged as ``<method>.<term>``), before ``weight``."""
+        """Named loss terms of this pass, unweighted; the engine multiplies them by the method
+        entry's ``weight`` and logs them as ``<method>.<term>`` (``<method>.pass<p>.<term>`` for p > 0)."""
         raise NotImplementedError
 
     def after_step(self, step: StepContext, state: dict[str, Any], terms: Mapping[str, float]) -> None:

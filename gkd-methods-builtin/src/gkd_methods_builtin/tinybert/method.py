@@ -20,6 +20,7 @@ from gkd.engine.method import (
 )
 from gkd.methods import losses
 from gkd.methods.layers import hidden_tap, random_map, uniform_map
+from gkd.parallel import all_reduce_mean_over_tp
 from gkd.plugins.errors import GkdError
 
 
@@ -41,7 +42,9 @@ def score_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor)
     """
     v = valid.expand_as(student)
     diff = torch.where(v, student.float() - teacher.float(), torch.zeros((), device=student.device))
-    return (diff**2).sum() / v.sum().clamp_min(1)
+    # Heads are sharded over tensor-parallel ranks in equal shares: the mean of the local
+    # means is the global mean, and every rank then holds the same loss.
+    return all_reduce_mean_over_tp((diff**2).sum() / v.sum().clamp_min(1))
 
 
 class TinyBERT(Method):

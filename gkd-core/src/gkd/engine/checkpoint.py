@@ -1,0 +1,589 @@
+"""Crash-safe checkpoints made only of safetensors and JSON (nothing is ever unpickled).
+
+Layout of one checkpoint, ``<run_dir>/checkpoints/step-<global_step:08d>/``:
+
+===========================  ===========================================================
+``model.safetensors``        student (or trained model) weights
+``auxiliary.safetensors``    trainable method parameters (the auxiliary model)
+``optimizer.safetensors``    every tensor of the optimizer state (``state.<id>.<name>``)
+``optimizer.json``           the rest of it: param groups, python numbers, structure
+``scheduler.json``           LR scheduler state
+``rng.safetensors``          torch CPU/CUDA, numpy and python RNG states
+``state.json``               :class:`CheckpointState` (steps, data position, method states,
+                             metrics, teacher hashes)
+``config.json``              the fully defaulted run config, when given
+``COMPLETE``                 written last: format version and every file's size
+===========================  ===========================================================
+
+A checkpoint is written into ``step-<n>.tmp-<pid>``, every file and the directory are
+fsynced, and only then is it renamed to its final name; ``latest`` (a pointer for people and
+tools) is replaced atomically afterwards. A crash at any point leaves the previous checkpoint
+intact, and :func:`find_latest` only considers directories with a ``COMPLETE`` marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from gkd.plugins.errors import GkdError
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+FORMAT_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_LEFTOVER = re.compile(r"^step-\d{8,}\.(?:tmp|old)-(\d+)$")
+_ALIASES = "gkd.aliases"
+_RNG_META = "gkd.rng"
+
+
+class CheckpointError(GkdError):
+    """A checkpoint cannot be written, is damaged, or does not fit what it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic file helpers (used by other modules too)
+# ---------------------------------------------------------------------------------------------
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (new, renamed or removed names) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU, contiguous, unshared tensors for safetensors, plus ``{alias: name}`` for tied ones.
+
+    safetensors refuses tensors that share memory (tied embeddings); identical views are saved
+    once and restored as the same tensor, any other sharing is broken by a copy.
+    """
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[str, int]] = set()
+    for name, tensor in tensors.items():
+        t = tensor.detach()
+        if t.numel():
+            storage = (str(t.device), t.untyped_storage().data_ptr())
+            view = (*storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if view in views:
+                aliases[name] = views[view]
+                continue
+            views[view] = name
+            shared = storage in storages
+            storages.add(storage)
+        else:
+            shared = False
+        t = t.cpu()
+        if shared or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone(memory_format=torch.contiguous_format)
+        out[name] = t
+    return out, aliases
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                       metadata: Mapping[str, str] | None = None) -> None:
+    prepared, aliases = _prepare_tensors(tensors)
+    meta = dict(metadata or {})
+    if aliases:
+        meta[_ALIASES] = json.dumps(aliases)
+    save_file(prepared, str(path), metadata=meta or None)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``tensors`` to ``path`` via a fsynced temporary file and a rename.
+
+    Tied tensors are stored once and come back tied from :func:`load_tensors`.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        _write_safetensors(tmp, tensors, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and user metadata of a safetensors file (tied names restored); no pickle involved."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    for alias, name in json.loads(meta.pop(_ALIASES, "{}")).items():
+        tensors[alias] = tensors[name]
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested state ↔ (tensors, JSON)
+# ---------------------------------------------------------------------------------------------
+
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """JSON skeleton of ``obj``; tensors go to ``tensors`` under their dotted path."""
+    if isinstance(obj, torch.Tensor):
+        if tensors is None:
+            raise CheckpointError(f"cannot store a tensor in JSON state (at '{path}')")
+        if path in tensors:
+            raise CheckpointError(f"two optimizer state entries map to the key '{path}'")
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        def sub(k: Any) -> str:
+            return f"{path}.{k}" if path else str(k)
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, sub(k), tensors) for k, v in obj.items()}
+        # Optimizer state is keyed by integer parameter ids, which JSON objects cannot keep.
+        return {"__items__": [[_encode(k, sub(k), None), _encode(v, sub(k), tensors)] for k, v in obj.items()]}
+    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint (at '{path}')")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        try:
+            return tensors[obj["__tensor__"]]
+        except KeyError:
+            raise CheckpointError(f"optimizer tensor '{obj['__tensor__']}' is missing") from None
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list | tuple) else key
+
+
+def flatten_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an ``optimizer.state_dict()`` into tensors and a JSON-able rest.
+
+    Args:
+        state: The optimizer's state dict (``state`` keyed by parameter id, ``param_groups``).
+
+    Returns:
+        ``(tensors, meta)``: tensors keyed ``state.<param id>.<name>`` (AdamW's ``step``
+        included when it is a tensor), and the structure with every non-tensor value.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {"format": FORMAT_VERSION, "state_dict": _encode(dict(state), "", tensors)}
+    return tensors, meta
+
+
+def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`: a dict for ``optimizer.load_state_dict``."""
+    return _decode(meta["state_dict"], tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+# ---------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Torch (CPU and every CUDA device), numpy and python RNG states as tensors plus JSON."""
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["python.state"] = torch.tensor(internal, dtype=torch.int64)
+    meta = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "gauss_next": gauss_next},
+            "cuda_devices": sum(k.startswith("torch.cuda.") for k in tensors)}
+    return tensors, meta
+
+
+def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; CUDA states only when the device count matches."""
+    torch.set_rng_state(tensors["torch.cpu"].to(torch.uint8))
+    cuda = [tensors[f"torch.cuda.{i}"] for i in range(int(meta.get("cuda_devices", 0)))]
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = meta["python"]
+    random.setstate((p["version"], tuple(int(x) for x in tensors["python.state"].tolist()), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher fingerprints
+# ---------------------------------------------------------------------------------------------
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        with open(path, "rb") as f:
+            _FILE_HASHES[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _FILE_HASHES[key]
+
+
+def sha256_of_checkpoint(path: Path) -> str:
+    """Fingerprint of a model's weights: its weight files directly inside ``path``.
+
+    One weight file (or ``path`` being a file): that file's sha256, as ``sha256sum`` prints it.
+    Several (sharded checkpoints): the sha256 of their ``"<sha256>  <name>\\n"`` lines in name
+    order. File hashes are cached in memory by (path, size, mtime).
+
+    Raises:
+        CheckpointError: No weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``).
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    else:
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not files:
+        raise CheckpointError(f"{path}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
+    if len(files) == 1:
+        return _file_sha256(files[0])
+    manifest = "".join(f"{_file_sha256(f)}  {f.name}\n" for f in files)
+    return hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def teacher_references(teachers: Mapping[str, Path]) -> dict[str, dict[str, str]]:
+    """``{name: {"path": ..., "sha256": ...}}`` for ``state.json``."""
+    return {name: {"path": str(p), "sha256": sha256_of_checkpoint(Path(p))} for name, p in teachers.items()}
+
+
+def verify_teachers(saved: Mapping[str, Mapping[str, str]], current: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuse to resume with teachers whose weights differ from those the checkpoint was trained with.
+
+    Raises:
+        CheckpointError: A teacher of the checkpoint is missing now or has other weights.
+    """
+    problems = []
+    for name, ref in saved.items():
+        now = current.get(name)
+        if now is None:
+            problems.append(f"teacher '{name}' is no longer configured")
+        elif now["sha256"] != ref["sha256"]:
+            problems.append(f"teacher '{name}' changed since the checkpoint ({ref['path']} sha256 "
+                            f"{ref['sha256'][:12]}…, now {now['path']} sha256 {now['sha256'][:12]}…)")
+    if problems:
+        raise CheckpointError("cannot resume: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointState:
+    """Everything besides tensors needed to continue a run exactly where it stopped."""
+
+    global_step: int
+    stage_index: int = 0
+    stage_iteration: int = 0
+    """Optimizer steps done in the current stage."""
+    data_position: dict[str, Any] = field(default_factory=dict)
+    """``BatchIterator.state_dict()`` of the training data."""
+    method_states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    teachers: dict[str, dict[str, str]] = field(default_factory=dict)
+    """``{name: {"path": ..., "sha256": ...}}`` (see :func:`teacher_references`)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointState:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{global_step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    """A finished checkpoint: its ``COMPLETE`` marker and ``state.json`` exist."""
+    return (path / COMPLETE).is_file() and (path / "state.json").is_file()
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as ``(global_step, dir)``, oldest first (temp dirs ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted((step, p) for step, p in found if is_complete(p))
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None.
+
+    Directories are scanned rather than trusting ``latest``, which may lag behind the newest
+    checkpoint if the process died between the two renames.
+    """
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _empty_extra_states(module: nn.Module) -> dict[str, None]:
+    """``*._extra_state`` entries that are None (megatron's local linear layers declare one)."""
+    return {k: None for k, v in module.state_dict().items() if k.endswith("._extra_state") and v is None}
+
+
+def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+    if obj is None:
+        return {}
+    if isinstance(obj, nn.Module):
+        # Empty extra states carry nothing; they are re-supplied on load.
+        return {k: v for k, v in obj.state_dict().items() if v is not None}
+    return obj
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_checkpoint(path: Path) -> None:
+    # Drop the marker first: a half-deleted directory must never look complete.
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, state: CheckpointState, *, model: nn.Module | Mapping[str, torch.Tensor],
+                    auxiliary: nn.Module | Mapping[str, torch.Tensor] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    config: Mapping[str, Any] | None = None, keep_last: int | None = None) -> Path:
+    """Write a checkpoint atomically, point ``latest`` at it and prune old ones.
+
+    Args:
+        run_dir: The run directory (checkpoints go to ``<run_dir>/checkpoints``).
+        state: Steps, data position, method states, metrics and teacher hashes.
+        model: The trained model or its state dict.
+        auxiliary: Method parameters (module or state dict).
+        optimizer: Its full state is saved when given.
+        scheduler: Its state is saved when given.
+        config: The run config, saved as ``config.json``.
+        keep_last: Keep only this many complete checkpoints (the new one always survives).
+
+    Returns:
+        The final checkpoint directory.
+
+    Raises:
+        CheckpointError: A state that cannot be stored (e.g. non-JSON method state).
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir, state.global_step)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    old = root / f"{final.name}.old-{os.getpid()}"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_safetensors(tmp / "model.safetensors", _state_dict(model))
+        _write_safetensors(tmp / "auxiliary.safetensors", _state_dict(auxiliary))
+        if optimizer is not None:
+            tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+            _write_safetensors(tmp / "optimizer.safetensors", tensors)
+            _write_json(tmp / "optimizer.json", meta)
+        if scheduler is not None:
+            _write_json(tmp / "scheduler.json", _encode(scheduler.state_dict(), "scheduler", None))
+        rng_tensors, rng_meta = capture_rng_state()
+        _write_safetensors(tmp / "rng.safetensors", rng_tensors, {_RNG_META: json.dumps(rng_meta)})
+        try:
+            _write_json(tmp / "state.json", state.to_dict())
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint state is not JSON-serialisable ({e}); method states must be "
+                                  f"plain JSON") from None
+        if config is not None:
+            _write_json(tmp / "config.json", dict(config))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        _write_json(tmp / COMPLETE, {"format": FORMAT_VERSION, "global_step": state.global_step, "files": files})
+        fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. at the end of a resumed stage)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            with contextlib.suppress(OSError):
+                os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_bytes(root / LATEST, f"{final.name}\n".encode())
+    _clean_leftovers(root)
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last, protect=final)
+    return final
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove temp dirs of writers that died mid-save (a live writer's temp dir is kept)."""
+    for p in root.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints; returns what was removed."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    checkpoints = [p for _, p in list_checkpoints(run_dir)]
+    keep = set(checkpoints[-keep_last:]) | ({protect} if protect else set())
+    removed = [p for p in checkpoints if p not in keep]
+    for p in removed:
+        _remove_checkpoint(p)
+    return removed
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def _load_module(module: nn.Module, path: Path, strict: bool) -> None:
+    tensors, _ = load_tensors(path)
+    try:
+        module.load_state_dict({**_empty_extra_states(module), **tensors}, strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the model: {e}") from None
+
+
+def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    restore_rng: bool = True, strict: bool = True) -> CheckpointState:
+    """Restore what is given from a checkpoint directory, using only safetensors and JSON.
+
+    Args:
+        path: A complete checkpoint directory (e.g. from :func:`find_latest`).
+        model: Receives ``model.safetensors``.
+        auxiliary: Receives ``auxiliary.safetensors``.
+        optimizer: Receives the optimizer state (build it over the same parameters first).
+        scheduler: Receives the scheduler state.
+        restore_rng: Also restore the torch/numpy/python RNG states.
+        strict: Passed to ``load_state_dict`` of model and auxiliary.
+
+    Returns:
+        The saved :class:`CheckpointState`.
+
+    Raises:
+        CheckpointError: Incomplete or damaged checkpoint, or state that does not fit.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or state.json)")
+    marker = _read_json(path / COMPLETE)
+    if int(marker.get("format", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer gkd (checkpoint format {marker['format']}, "
+                              f"this one reads up to {FORMAT_VERSION})")
+    for name, size in marker.get("files", {}).items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} has "
+                                  f"{'no file' if actual is None else f'{actual} bytes'}, expected {size} bytes")
+    if model is not None:
+        _load_module(model, path / "model.safetensors", strict)
+    if auxiliary is not None:
+        _load_module(auxiliary, path / "auxiliary.safetensors", strict)
+    if optimizer is not None:
+        if not (path / "optimizer.json").is_file():
+            raise CheckpointError(f"{path} holds no optimizer state")
+        tensors, _ = load_tensors(path / "optimizer.safetensors")
+        try:
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, _read_json(path / "optimizer.json")))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e})") from None
+    if scheduler is not None:
+        if not (path / "scheduler.json").is_file():
+            raise CheckpointError(f"{path} holds no scheduler state")
+        scheduler.load_state_dict(_decode(_read_json(path / "scheduler.json"), {}))
+    if restore_rng:
+        tensors, meta = load_tensors(path / "rng.safetensors")
+        restore_rng_state(tensors, json.loads(meta[_RNG_META]))
+    return CheckpointState.from_dict(_read_json(path / "state.json"))

@@ -1,0 +1,123 @@
+"""Autograd-aware tensor-parallel collectives for distillation losses.
+
+Per-head features (``layers.{i}.attention.*``, ``layers.{i}.ffn.intermediate``) are sharded
+over the TP group: each rank holds ``heads / tp`` heads. A loss over them has two correct
+shapes:
+
+* **gather, then compute the same loss on every rank** — :func:`gather_heads`,
+  :func:`gather_last_dim`, :func:`gather_along_dim`. The backward keeps only this rank's
+  slice of the gradient, which is right because every rank holds an identical copy of the
+  loss (the optimiser must count it once, as megatron does for its replicated losses).
+* **compute on the local shard, then reduce** — :func:`all_reduce_mean_over_tp` (exact mean
+  when shards are equal-sized, e.g. a mean over heads) or :func:`all_reduce_sum_over_tp`.
+
+With TP size 1 every function returns its input unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gkd.parallel.state import tp_group, tp_rank, tp_world_size
+
+
+def _group_or_default(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return tp_group() if group is None else group
+
+
+class _GatherAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        world = dist.get_world_size(group)
+        ctx.dim, ctx.rank, ctx.size = dim, dist.get_rank(group), x.size(dim)
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size).contiguous(), None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.scale = scale
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out * scale if scale != 1.0 else out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # Every rank holds the same reduced value; d(out)/d(x_r) = scale on the rank owning x_r.
+        return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None
+
+
+def gather_along_dim(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather equal-sized TP shards and concatenate them along ``dim`` (differentiable)."""
+    group = _group_or_default(group)
+    if dist.get_world_size(group) == 1:
+        return t
+    return _GatherAlongDim.apply(t, dim % t.dim(), group)
+
+
+def gather_heads(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Full-head view of a head-sharded feature ``[b, heads_local, ...]`` → ``[b, heads, ...]``.
+
+    Use for ``attention.query|key|value|scores|probs``. Heads are ordered as in the unsharded
+    model (rank 0 holds the first ``heads/tp``).
+    """
+    return gather_along_dim(t, 1, group)
+
+
+def gather_last_dim(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate last-dimension shards: ``attention.context`` ``[b, s, heads_local*d]`` →
+    ``[b, s, heads*d]``, ``ffn.intermediate`` ``[b, s, ffn_local]`` → ``[b, s, ffn]``.
+
+    For a SwiGLU decoder, ``ffn.intermediate`` is ``silu(gate)*up``, already one block per
+    rank, so this concatenation equals the TP=1 tensor.
+    """
+    return gather_along_dim(t, -1, group)
+
+
+def all_reduce_sum_over_tp(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum a per-rank partial value over the TP group (differentiable)."""
+    group = _group_or_default(group)
+    if dist.get_world_size(group) == 1:
+        return t
+    return _AllReduce.apply(t, 1.0, group)
+
+
+def all_reduce_mean_over_tp(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Average a per-rank value over the TP group (differentiable).
+
+    A mean computed over each rank's equal-sized shard, averaged this way, equals the mean
+    over the full tensor.
+    """
+    group = _group_or_default(group)
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+    return _AllReduce.apply(t, 1.0 / world, group)
+
+
+def shard_along_dim(t: torch.Tensor, dim: int, rank: int | None = None, world: int | None = None) -> torch.Tensor:
+    """This rank's contiguous 1/tp slice of a full tensor (no communication, no autograd)."""
+    rank = tp_rank() if rank is None else rank
+    world = tp_world_size() if world is None else world
+    if t.size(dim) % world:
+        raise ValueError(f"dimension {dim} of size {t.size(dim)} is not divisible by tp ({world})")
+    return t.chunk(world, dim=dim)[rank]
+
+
+__all__ = [
+    "all_reduce_mean_over_tp",
+    "all_reduce_sum_over_tp",
+    "gather_along_dim",
+    "gather_heads",
+    "gather_last_dim",
+    "shard_along_dim",
+]

@@ -1,0 +1,138 @@
+"""End-to-end runs of the trainer on a tiny random teacher: stages, per-term logging,
+checkpoints, bitwise resume, teacher reuse, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from gkd.cli import cli
+from gkd.config import load_run_config
+from gkd.engine.checkpoint import find_latest
+from gkd.engine.trainer import Trainer, TrainingInterrupted
+from gkd.models import ModelConfig, build_model, export_hf
+from gkd.plugins import load_plugin_manager
+
+TEXTS = {
+    "grain": ["wheat and corn exports fell", "grain harvest was large this year", "corn prices rose on demand"],
+    "oil": ["crude oil prices climbed", "oil inventories dropped sharply", "the refinery raised oil output"],
+    "money": ["the central bank cut rates", "interest rates were left unchanged", "the dollar rose against the yen"],
+}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugin_manager().registry
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny random BERT teacher with a 3-class head (MiniLM's tokenizer) and jsonl data."""
+    root = tmp_path_factory.mktemp("trainer")
+    cfg = ModelConfig(family="encoder", vocab_size=30522, hidden_size=32, num_layers=4, num_attention_heads=4,
+                      ffn_hidden_size=64, max_position_embeddings=64, head="classification", num_labels=3)
+    export_hf(build_model(cfg, seed=3), root / "teacher", tokenizer_dir=minilm_dir)
+    rows = [{"text": t, "label": label} for label, texts in TEXTS.items() for t in texts] * 4
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:9]) + "\n")
+    return root
+
+
+def write_config(root: Path, run_dir: Path, **changes) -> Path:
+    cfg = {
+        "name": "tiny", "run_dir": str(run_dir), "seed": 7,
+        "task": {"type": "sequence_classification", "max_length": 16},
+        "data": {"train": {"path": "train.jsonl"}, "test": {"path": "test.jsonl"}},
+        "teachers": [{"name": "t", "path": "teacher"}],
+        "student": {"init": {"strategy": "truncate", "teacher": "t", "num_layers": 2}},
+        "stages": [
+            {"name": "tinybert", "steps": 3, "methods": [{"name": "tinybert", "config": {"layer_mapping": "random",
+                                                                                      "random_every_steps": 2}}]},
+            {"name": "kd", "steps": 3, "methods": [{"name": "kd", "weight": 0.5, "config": {"temperature": 2.0}}]},
+        ],
+        "training": {"batch_size": 4, "eval_batch_size": 8},
+        "checkpoint": {"every_steps": 2, "keep_last": 10},
+        "logging": {"progress": False, "plot": True},
+    } | changes
+    path = root / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(config: Path, registry, stop_after=None) -> dict:
+    return Trainer(load_run_config(config, registry=registry), registry, progress=False, stop_after=stop_after,
+                   echo=lambda _: None).execute()
+
+
+def test_full_run_logs_every_term_and_exports(workspace, registry):
+    run_dir = workspace / "full"
+    summary = run(write_config(workspace, run_dir), registry)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["global_step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert set(train[0]["terms"]) == {"tinybert.hidden", "tinybert.attention"}
+    assert set(train[-1]["terms"]) == {"kd.soft", "kd.hard"}
+    for r in train:
+        assert r["loss"] == pytest.approx(sum(r["terms"].values()), rel=1e-5)
+    assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    rows = {r["model"]: r for r in summary["models"]}
+    assert rows["student"]["layers"] == 2 and 0.0 <= rows["student"]["accuracy"] <= 1.0
+    assert rows["teacher:t"]["parameters"] > rows["student"]["parameters"]
+    exported = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert "classifier.weight" in exported and (run_dir / "export" / "tokenizer.json").is_file()
+    state = json.loads((find_latest(run_dir) / "state.json").read_text())
+    assert state["method_states"]["kd"] == {} and state["global_step"] == 6
+
+
+def test_resume_is_bitwise_identical(workspace, registry):
+    full_dir, split_dir = workspace / "ref", workspace / "split"
+    run(write_config(workspace, full_dir), registry)
+    config = write_config(workspace, split_dir)
+    with pytest.raises(TrainingInterrupted):
+        run(config, registry, stop_after=2)  # inside the TinyBERT stage, random layers drawn
+    with pytest.raises(TrainingInterrupted):
+        run(config, registry, stop_after=4)  # crosses the stage boundary
+    run(config, registry)
+    ref = load_file(str(find_latest(full_dir) / "model.safetensors"))
+    got = load_file(str(find_latest(split_dir) / "model.safetensors"))
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    steps = [json.loads(x)["global_step"] for x in (split_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_teacher_finetune_stage_is_reused(workspace, registry):
+    run_dir = workspace / "ft"
+    stages = [{"name": "ft", "train": "teacher:t", "steps": 2},
+              {"name": "kd", "steps": 1, "methods": [{"name": "kd"}]}]
+    config = write_config(workspace, run_dir, stages=stages)
+    run(config, registry)
+    teacher = run_dir / "teachers" / "t" / "model.safetensors"
+    first = teacher.stat().st_mtime_ns
+    before = load_file(str(workspace / "teacher" / "model.safetensors"))["classifier.weight"]
+    after = load_file(str(teacher))["classifier.weight"]
+    assert not torch.equal(before, after)  # it was trained
+    shutil.rmtree(run_dir / "checkpoints")
+    messages = []
+    Trainer(load_run_config(config, registry=registry), registry, progress=False, echo=messages.append).execute()
+    assert teacher.stat().st_mtime_ns == first
+    assert any("reusing the fine-tuned teacher 't'" in m for m in messages)
+
+
+def test_distill_cli_rejects_bad_set_keys(workspace):
+    config = write_config(workspace, workspace / "cli")
+    result = CliRunner().invoke(cli, ["distill", str(config), "--set", "stages[0].stepz=3", "--set", "seed=-1"])
+    assert result.exit_code == 2
+    assert "stages[0].stepz: unknown key; did you mean 'steps'?" in result.output
+    assert "seed: -1 is less than the minimum of 0" in result.output
+    assert "Traceback" not in result.output
+    assert not (workspace / "cli").exists()
