@@ -7,7 +7,7 @@ CONFIG ?= examples/reuters-minilm/config.yaml
 
 demo:
 	@scripts/bootstrap.sh demo
-	$(VENV)/bin/gkd methods list
+	$(VENV)/bin/gkd distill $(CONFIG)
 
 test:
 	@scripts/bootstrap.sh test

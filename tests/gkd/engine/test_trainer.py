@@ -136,3 +136,41 @@ def test_distill_cli_rejects_bad_set_keys(workspace):
     assert "seed: -1 is less than the minimum of 0" in result.output
     assert "Traceback" not in result.output
     assert not (workspace / "cli").exists()
+
+
+def test_causal_lm_plain_stage_and_teacher_assistant_chain(tmp_path, registry, llama_tokenizer_dir):
+    """Decoder family: plain training, KD that publishes a teacher assistant, then a fresh
+    student distilled from that assistant (TAKD's shape); perplexity is evaluated."""
+    from gkd.engine.data import Tokenizer
+
+    vocab = Tokenizer.from_dir(llama_tokenizer_dir, 16).vocab_size
+    cfg = ModelConfig(family="decoder", vocab_size=vocab, hidden_size=32, num_layers=4, num_attention_heads=4,
+                      num_kv_heads=2, ffn_hidden_size=64, hidden_act="silu", norm_eps=1e-6, head="lm",
+                      tie_word_embeddings=True)
+    export_hf(build_model(cfg, seed=5), tmp_path / "teacher", tokenizer_dir=llama_tokenizer_dir)
+    lines = [t for texts in TEXTS.values() for t in texts] * 3
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    config = {
+        "run_dir": str(tmp_path / "run"), "task": {"type": "causal_lm", "max_length": 12},
+        "data": {"train": {"path": "train.txt"}, "test": {"path": "train.txt", "limit": 6}},
+        "teachers": [{"name": "big", "path": "teacher"}],
+        "student": {"init": {"strategy": "truncate", "teacher": "big", "layers": "bottom", "num_layers": 2}},
+        "stages": [
+            {"name": "plain", "steps": 2},
+            {"name": "kd", "steps": 2, "methods": [{"name": "kd", "config": {"hard_weight": 0.0}}],
+             "publish_as_teacher": "ta"},
+            {"name": "ta-kd", "steps": 2, "teachers": ["ta"], "methods": [{"name": "kd"}],
+             "student_init": {"strategy": "truncate", "teacher": "ta", "layers": "bottom", "num_layers": 1}},
+        ],
+        "training": {"batch_size": 4},
+        "logging": {"progress": False, "plot": False},
+    }
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    summary = run(path, registry)
+    rows = {r["model"]: r for r in summary["models"]}
+    assert rows["student"]["layers"] == 1
+    assert 1.0 < rows["student"]["perplexity"] < 10 * vocab
+    assert (tmp_path / "run" / "teachers" / "ta" / "model.safetensors").is_file()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [set(r["terms"]) for r in records if r["kind"] == "train"] == [{"task"}] * 2 + [{"kd.soft"}] * 2 + [{"kd.soft", "kd.hard"}] * 2

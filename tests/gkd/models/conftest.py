@@ -21,8 +21,15 @@ def _one_thread() -> None:
 def tiny_encoder(**overrides: object) -> ModelConfig:
     """2 layers, hidden 64, 4 heads, no dropout."""
     kw: dict[str, object] = dict(
-        family="encoder", vocab_size=100, hidden_size=64, num_layers=2, num_attention_heads=4,
-        ffn_hidden_size=128, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
+        family="encoder",
+        vocab_size=100,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        max_position_embeddings=32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
     )
     kw.update(overrides)
     return ModelConfig(**kw)  # type: ignore[arg-type]
@@ -31,9 +38,21 @@ def tiny_encoder(**overrides: object) -> ModelConfig:
 def tiny_decoder(**overrides: object) -> ModelConfig:
     """2 layers, hidden 64, 4 heads / 2 KV heads (GQA), SwiGLU 96, LM head."""
     kw: dict[str, object] = dict(
-        family="decoder", vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-        ffn_hidden_size=96, hidden_act="silu", norm_eps=1e-6, rope_theta=5000.0, head="lm",
-        tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0, max_position_embeddings=64,
+        family="decoder",
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=96,
+        hidden_act="silu",
+        norm_eps=1e-6,
+        rope_theta=5000.0,
+        head="lm",
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        max_position_embeddings=64,
     )
     kw.update(overrides)
     return ModelConfig(**kw)  # type: ignore[arg-type]
@@ -86,22 +105,39 @@ def save_tiny_llama(path: Path, *, tie: bool = False, vocab: int = 128, seed: in
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rope_theta=5000.0, tie_word_embeddings=tie, max_position_embeddings=64,
-        rms_norm_eps=1e-6, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=5000.0,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path, safe_serialization=True)
     return path
 
 
-def save_tiny_bert(path: Path, *, kind: str = "classification", vocab: int = 100, seed: int = 0, layers: int = 2) -> Path:
+def save_tiny_bert(
+    path: Path, *, kind: str = "classification", vocab: int = 100, seed: int = 0, layers: int = 2
+) -> Path:
     """A random tiny BERT (``base`` / ``classification`` / ``mlm``) saved by transformers."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     cls = {
         "base": transformers.BertModel,
@@ -133,4 +169,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny BERT checkpoints: ``base``, ``classification``, ``mlm`` (same seed, vocab 100)."""
-    return {kind: save_tiny_bert(tmp_path_factory.mktemp(f"tiny-bert-{kind}"), kind=kind) for kind in ("base", "classification", "mlm")}
+    return {
+        kind: save_tiny_bert(tmp_path_factory.mktemp(f"tiny-bert-{kind}"), kind=kind)
+        for kind in ("base", "classification", "mlm")
+    }

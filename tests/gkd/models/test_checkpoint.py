@@ -38,7 +38,9 @@ def test_llama_hidden_states_and_logits_match(tiny_llama_dir, batch) -> None:
     with torch.no_grad():
         with model.capture({"embeddings", "layers.0.output", "final_norm"}) as f:
             out = model(b["input_ids"], b["attention_mask"])
-        ref = ref_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        ref = ref_model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+        )
     # transformers' hidden_states: embeddings, layer 0 output, final-norm output (2 layers).
     assert _max_diff(f["embeddings"], ref.hidden_states[0], real) <= 1e-5
     assert _max_diff(f["layers.0.output"], ref.hidden_states[1], real) <= 1e-5
@@ -49,8 +51,15 @@ def test_llama_hidden_states_and_logits_match(tiny_llama_dir, batch) -> None:
 
 def test_tied_llama_and_base_model_layout(tmp_path, batch) -> None:
     torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     tied = transformers.LlamaForCausalLM(cfg).eval()
     tied.save_pretrained(tmp_path / "causal")
     tied.model.save_pretrained(tmp_path / "base")  # LlamaModel: keys without the "model." prefix
@@ -95,7 +104,12 @@ def test_bert_parity_and_export_round_trip(kind: str, tiny_bert_dirs, tmp_path, 
     assert not [f for f in files if ".tmp-" in f]
     assert (out_dir / "tokenizer.json").read_bytes() == (minilm_path / "tokenizer.json").read_bytes()
     arch = json.loads((out_dir / "config.json").read_text())["architectures"][0]
-    assert arch == {"base": "BertModel", "classification": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}[kind]
+    assert (
+        arch
+        == {"base": "BertModel", "classification": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}[
+            kind
+        ]
+    )
     # gkd reads its own export back bit for bit.
     again = from_pretrained(out_dir)
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), again.named_parameters(), strict=True):
@@ -137,10 +151,14 @@ def test_strict_loading_reports_mismatches(tiny_bert_dirs, tiny_llama_dir, tmp_p
     report = load_hf_weights(build_model(cls_cfg), tiny_bert_dirs["base"], strict=False)
     assert report.missing == ["classifier.weight", "classifier.bias"] and report.unexpected == []
     narrow = load_model_config(tiny_llama_dir).replace(ffn_hidden_size=48)
-    with pytest.raises(ValueError, match=r"mlp.linear_fc1.weight: .* local shape \(192, 64\), model expects \(96, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"mlp.linear_fc1.weight: .* local shape \(192, 64\), model expects \(96, 64\)"
+    ):
         load_hf_weights(build_model(narrow), tiny_llama_dir)
+    with pytest.raises(ValueError, match="checkpoint has 128 vocabulary rows, the model 64"):
+        load_hf_weights(build_model(load_model_config(tiny_llama_dir).replace(vocab_size=64)), tiny_llama_dir)
     (tmp_path / "config.json").write_bytes((tiny_llama_dir / "config.json").read_bytes())
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
         from_pretrained(tmp_path)
 
 
@@ -156,3 +174,28 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_ranks_read_only_their_part_of_sharded_tensors(tiny_llama_dir) -> None:
+    """Each TP rank reads its rows/columns through safetensors slices, never the full tensor."""
+    from gkd.models.checkpoint import SafetensorsDir, _read_local
+    from gkd.models.sharding import ShardKind
+
+    class PartsOnly(SafetensorsDir):
+        def get(self, name: str) -> torch.Tensor:
+            raise AssertionError(f"full read of {name}")
+
+    src, full = PartsOnly(tiny_llama_dir), SafetensorsDir(tiny_llama_dir)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    o = "model.layers.0.self_attn.o_proj.weight"
+    emb = "model.embed_tokens.weight"
+    for rank in range(2):
+        col = _read_local(src, q, ShardKind.COLUMN, rank, 2, torch.Size([32, 64]), 128)
+        row = _read_local(src, o, ShardKind.ROW, rank, 2, torch.Size([64, 32]), 128)
+        assert torch.equal(col, full.get(q).chunk(2, 0)[rank]) and torch.equal(
+            row, full.get(o).chunk(2, 1)[rank]
+        )
+        # 128 rows over tp=3 → padded to 129, 43 per rank; the last rank gets one zero row.
+        voc = _read_local(src, emb, ShardKind.VOCAB, rank + 1, 3, torch.Size([43, 64]), 128)
+        expect = torch.cat([full.get(emb), torch.zeros(1, 64)])[43 * (rank + 1) : 43 * (rank + 2)]
+        assert torch.equal(voc, expect)

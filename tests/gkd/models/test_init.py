@@ -48,7 +48,10 @@ def test_random_student_is_seeded_and_leaves_global_rng_alone(encoder_cfg) -> No
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["layers.0.mlp.linear_fc1.weight"], c["layers.0.mlp.linear_fc1.weight"])
     w = a["layers.1.self_attention.linear_qkv.weight"]
-    assert abs(float(w.std()) - 0.02) < 0.004 and float(a["layers.1.self_attention.linear_qkv.bias"].abs().max()) == 0
+    assert (
+        abs(float(w.std()) - 0.02) < 0.004
+        and float(a["layers.1.self_attention.linear_qkv.bias"].abs().max()) == 0
+    )
 
 
 def test_pretrained_student_with_a_new_head(tiny_bert_dirs) -> None:
@@ -80,7 +83,9 @@ def test_distilled_student_round_trip(encoder_cfg, tmp_path, batch) -> None:
 
 def test_truncated_encoder_equals_teacher_running_the_chosen_layers(encoder_cfg, batch) -> None:
     teacher = build_model(encoder_cfg(num_layers=4, head="classification", num_labels=3), seed=11).eval()
-    student = truncated_student(encoder_cfg(head="classification", num_labels=3), teacher, layers="uniform").eval()
+    student = truncated_student(
+        encoder_cfg(head="classification", num_labels=3), teacher, layers="uniform"
+    ).eval()
     b = batch(100)
     with torch.no_grad():
         with teacher.capture(operations={"layers": lambda ls: [ls[0], ls[2]]}):
@@ -89,8 +94,12 @@ def test_truncated_encoder_equals_teacher_running_the_chosen_layers(encoder_cfg,
     torch.testing.assert_close(got.logits, expect.logits, rtol=0, atol=0)
     explicit = truncated_student(encoder_cfg(), teacher, layers=[3, 1])
     t, s = hf_state_dict(teacher), hf_state_dict(explicit)
-    assert torch.equal(s["encoder.layer.0.output.dense.weight"], t["bert.encoder.layer.3.output.dense.weight"])
-    assert torch.equal(s["encoder.layer.1.attention.self.key.bias"], t["bert.encoder.layer.1.attention.self.key.bias"])
+    assert torch.equal(
+        s["encoder.layer.0.output.dense.weight"], t["bert.encoder.layer.3.output.dense.weight"]
+    )
+    assert torch.equal(
+        s["encoder.layer.1.attention.self.key.bias"], t["bert.encoder.layer.1.attention.self.key.bias"]
+    )
 
 
 def test_truncated_student_takes_leading_slices(encoder_cfg, decoder_cfg) -> None:
@@ -99,18 +108,33 @@ def test_truncated_student_takes_leading_slices(encoder_cfg, decoder_cfg) -> Non
     student = truncated_student(narrow, teacher, layers="bottom")
     t, s = hf_state_dict(teacher), hf_state_dict(student)
     assert torch.equal(s["embeddings.word_embeddings.weight"], t["embeddings.word_embeddings.weight"][:, :32])
-    assert torch.equal(s["encoder.layer.1.attention.self.query.weight"], t["encoder.layer.1.attention.self.query.weight"][:32, :32])
-    assert torch.equal(s["encoder.layer.1.intermediate.dense.bias"], t["encoder.layer.1.intermediate.dense.bias"][:64])
-    assert torch.equal(s["encoder.layer.0.output.LayerNorm.weight"], t["encoder.layer.0.output.LayerNorm.weight"][:32])
+    assert torch.equal(
+        s["encoder.layer.1.attention.self.query.weight"],
+        t["encoder.layer.1.attention.self.query.weight"][:32, :32],
+    )
+    assert torch.equal(
+        s["encoder.layer.1.intermediate.dense.bias"], t["encoder.layer.1.intermediate.dense.bias"][:64]
+    )
+    assert torch.equal(
+        s["encoder.layer.0.output.LayerNorm.weight"], t["encoder.layer.0.output.LayerNorm.weight"][:32]
+    )
 
     d_teacher = build_model(decoder_cfg(num_layers=3), seed=13)
-    d_narrow = decoder_cfg(num_layers=2, hidden_size=32, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=48)
+    d_narrow = decoder_cfg(
+        num_layers=2, hidden_size=32, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=48
+    )
     d_student = truncated_student(d_narrow, d_teacher, layers=[2, 0])
     t, s = hf_state_dict(d_teacher), hf_state_dict(d_student)
     # First 2 query heads and first KV head (head size 16 unchanged), first 48 FFN rows.
-    assert torch.equal(s["model.layers.0.self_attn.q_proj.weight"], t["model.layers.2.self_attn.q_proj.weight"][:32, :32])
-    assert torch.equal(s["model.layers.0.self_attn.k_proj.weight"], t["model.layers.2.self_attn.k_proj.weight"][:16, :32])
-    assert torch.equal(s["model.layers.1.mlp.gate_proj.weight"], t["model.layers.0.mlp.gate_proj.weight"][:48, :32])
+    assert torch.equal(
+        s["model.layers.0.self_attn.q_proj.weight"], t["model.layers.2.self_attn.q_proj.weight"][:32, :32]
+    )
+    assert torch.equal(
+        s["model.layers.0.self_attn.k_proj.weight"], t["model.layers.2.self_attn.k_proj.weight"][:16, :32]
+    )
+    assert torch.equal(
+        s["model.layers.1.mlp.gate_proj.weight"], t["model.layers.0.mlp.gate_proj.weight"][:48, :32]
+    )
     assert torch.equal(s["lm_head.weight"], t["lm_head.weight"][:, :32])
     with pytest.raises(ValueError, match="not a leading slice"):
         truncated_student(decoder_cfg(num_layers=2, ffn_hidden_size=200), d_teacher)
@@ -119,7 +143,9 @@ def test_truncated_student_takes_leading_slices(encoder_cfg, decoder_cfg) -> Non
 
 
 def test_truncation_from_a_teacher_checkpoint(tiny_llama_dir, decoder_cfg, batch) -> None:
-    student = init_student(decoder_cfg(num_layers=1), StudentInit(method="truncate", path=str(tiny_llama_dir), layers=[1]))
+    student = init_student(
+        decoder_cfg(num_layers=1), StudentInit(method="truncate", path=str(tiny_llama_dir), layers=[1])
+    )
     t = hf_state_dict(pretrained_student(tiny_llama_dir))
     s = hf_state_dict(student)
     assert torch.equal(s["model.layers.0.mlp.down_proj.weight"], t["model.layers.1.mlp.down_proj.weight"])

@@ -25,11 +25,16 @@ def test_replace_layer_output(encoder_cfg, batch) -> None:
     model = build_model(encoder_cfg()).eval()
     b = batch(100)
     new = torch.randn(3, 10, 64)
-    with torch.no_grad(), model.capture({"layers.1.input", "layers.0.output"}, {"layers.0.output": replace_with(new)}) as f:
+    with (
+        torch.no_grad(),
+        model.capture({"layers.1.input", "layers.0.output"}, {"layers.0.output": replace_with(new)}) as f,
+    ):
         out = model(**b)
         expect = model.layers[1](new.transpose(0, 1), attention_mask=_mask(b)).transpose(0, 1)
     torch.testing.assert_close(f["layers.1.input"], new, rtol=0, atol=0)
-    torch.testing.assert_close(f["layers.0.output"], new, rtol=0, atol=0)  # features record the value after the op
+    torch.testing.assert_close(
+        f["layers.0.output"], new, rtol=0, atol=0
+    )  # features record the value after the op
     torch.testing.assert_close(out.last_hidden, expect)
 
 
@@ -57,16 +62,23 @@ def test_write_span_from_a_recorded_pass(encoder_cfg, batch) -> None:
     with torch.no_grad(), model.capture({"layers.0.output"}) as fb:
         model(**b)
     starts, src_starts = torch.tensor([2, 0, 5]), torch.tensor([4, 1, 0])
-    with model.capture({"layers.0.output"}, {"layers.0.output": write_span(source, starts, 3, src_start=src_starts)}) as f:
+    with model.capture(
+        {"layers.0.output"}, {"layers.0.output": write_span(source, starts, 3, src_start=src_starts)}
+    ) as f:
         out = model(**b)
     got, plain = f["layers.0.output"], fb["layers.0.output"]
     for row, (dst, src) in enumerate(zip(starts.tolist(), src_starts.tolist(), strict=True)):
-        torch.testing.assert_close(got[row, dst : dst + 3], source[row, src : src + 3].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            got[row, dst : dst + 3], source[row, src : src + 3].detach(), rtol=0, atol=0
+        )
         keep = [p for p in range(10) if not dst <= p < dst + 3]
         torch.testing.assert_close(got[row, keep], plain[row, keep], rtol=0, atol=0)
     out.last_hidden.sum().backward()  # gradients reach pass A through the written values
     assert model.layers[0].self_attention.linear_qkv.weight.grad.abs().sum() > 0
-    with pytest.raises(IndexError, match="does not fit"), model.capture(operations={"layers.0.output": write_span(source, 9, 3)}):
+    with (
+        pytest.raises(IndexError, match="does not fit"),
+        model.capture(operations={"layers.0.output": write_span(source, 9, 3)}),
+    ):
         model(**b)
 
 
@@ -91,7 +103,9 @@ def test_teacher_layers_run_in_the_student_stack(family: str, encoder_cfg, decod
         t_cfg = encoder_cfg(num_layers=4, num_attention_heads=8, ffn_hidden_size=256)
     else:
         s_cfg = decoder_cfg()
-        t_cfg = decoder_cfg(num_layers=4, num_attention_heads=8, num_kv_heads=4, ffn_hidden_size=160, rope_theta=100.0)
+        t_cfg = decoder_cfg(
+            num_layers=4, num_attention_heads=8, num_kv_heads=4, ffn_hidden_size=160, rope_theta=100.0
+        )
     student, teacher = build_model(s_cfg, seed=1).eval(), build_model(t_cfg, seed=2).eval()
     b = batch(s_cfg.vocab_size)
     ids, am = b["input_ids"], b["attention_mask"]
@@ -113,14 +127,17 @@ def test_teacher_layers_run_in_the_student_stack(family: str, encoder_cfg, decod
     assert student.layers[1].self_attention.linear_qkv.weight.grad is None  # swapped out
     # Next pass is the plain student again.
     plain = student(ids, am)
-    assert plain.last_hidden.shape == out.last_hidden.shape and not torch.allclose(plain.last_hidden, out.last_hidden)
+    assert plain.last_hidden.shape == out.last_hidden.shape and not torch.allclose(
+        plain.last_hidden, out.last_hidden
+    )
 
 
 def test_layers_of_another_width_are_rejected(encoder_cfg, batch) -> None:
     student = build_model(encoder_cfg())
     wide = build_model(encoder_cfg(hidden_size=128))
-    with pytest.raises(ValueError, match="hidden size 128, the model has 64"), student.capture(
-        operations={"layers": swap_layers({0: wide.layers[0]})}
+    with (
+        pytest.raises(ValueError, match="hidden size 128, the model has 64"),
+        student.capture(operations={"layers": swap_layers({0: wide.layers[0]})}),
     ):
         student(**batch(100))
 
@@ -134,15 +151,19 @@ def test_operations_are_removed_after_a_failing_pass(encoder_cfg, batch) -> None
         def boom(t: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("operation failed")
 
-        with pytest.raises(RuntimeError, match="operation failed"), model.capture(
-            {"layers.1.output"}, {"layers.0.output": boom}
+        with (
+            pytest.raises(RuntimeError, match="operation failed"),
+            model.capture({"layers.1.output"}, {"layers.0.output": boom}),
         ):
             model(**b)
         assert model._pending is None and active_session() is None
         torch.testing.assert_close(model(**b).last_hidden, plain, rtol=0, atol=0)
 
         # Also when the failure comes from an unrelated exception inside the block.
-        with pytest.raises(KeyError), model.capture(operations={"embeddings": add_perturbation(torch.ones(64))}):
+        with (
+            pytest.raises(KeyError),
+            model.capture(operations={"embeddings": add_perturbation(torch.ones(64))}),
+        ):
             raise KeyError("before the forward")
         torch.testing.assert_close(model(**b).last_hidden, plain, rtol=0, atol=0)
 
@@ -150,13 +171,20 @@ def test_operations_are_removed_after_a_failing_pass(encoder_cfg, batch) -> None
 def test_bad_operation_results_are_reported(encoder_cfg, batch) -> None:
     model = build_model(encoder_cfg())
     b = batch(100)
-    with pytest.raises(ValueError, match=r"operation at 'layers.0.output' returned shape \(3, 10, 32\)"), model.capture(
-        operations={"layers.0.output": lambda t: t[..., :32]}
+    with (
+        pytest.raises(ValueError, match=r"operation at 'layers.0.output' returned shape \(3, 10, 32\)"),
+        model.capture(operations={"layers.0.output": lambda t: t[..., :32]}),
     ):
         model(**b)
-    with pytest.raises(TypeError, match="returned list"), model.capture(operations={"embeddings": lambda t: [t]}):
+    with (
+        pytest.raises(TypeError, match="returned list"),
+        model.capture(operations={"embeddings": lambda t: [t]}),
+    ):
         model(**b)
-    with pytest.raises(TypeError, match="list of nn.Module"), model.capture(operations={"layers": lambda ls: ls[0]}):
+    with (
+        pytest.raises(TypeError, match=r"list of nn\.Module"),
+        model.capture(operations={"layers": lambda ls: ls[0]}),
+    ):
         model(**b)
 
 
@@ -187,7 +215,10 @@ def test_operation_on_attention_scores(encoder_cfg, batch) -> None:
         scores[:, 0] = torch.where(scores[:, 0] > torch.finfo(scores.dtype).min, 0.0, scores[:, 0])
         return scores
 
-    with torch.no_grad(), model.capture({"layers.0.attention.probs"}, {"layers.0.attention.scores": flatten_head0}) as f:
+    with (
+        torch.no_grad(),
+        model.capture({"layers.0.attention.probs"}, {"layers.0.attention.scores": flatten_head0}) as f,
+    ):
         model(**b)
     real = b["attention_mask"].sum(1).float()
     expect = (b["attention_mask"].float() / real[:, None])[:, None, :].expand(3, 10, 10)

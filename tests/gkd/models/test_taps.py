@@ -34,7 +34,10 @@ def test_unknown_names_raise_and_list_valid_ones(encoder_cfg) -> None:
     msg = str(err.value)
     assert "['layers.0.hidden', 'layers.2.output']" in msg
     assert "layers.{0..1}" in msg and "attention.scores" in msg and "pooled" in msg and "'layers'" in msg
-    with pytest.raises(ValueError, match="unknown tap name"), model.capture(operations={"layer": lambda x: x}):
+    with (
+        pytest.raises(ValueError, match="unknown tap name"),
+        model.capture(operations={"layer": lambda x: x}),
+    ):
         pass
     with pytest.raises(TypeError, match="must be callable"), model.capture(operations={"embeddings": 3}):  # type: ignore[dict-item]
         pass
@@ -103,7 +106,9 @@ def test_decoder_gqa_rope_and_causality(decoder_cfg, batch) -> None:
     scores, probs = f["layers.1.attention.scores"], f["layers.1.attention.probs"]
     causal = torch.ones(S, S, dtype=torch.bool).triu(1)
     masked = causal | (b["attention_mask"] == 0)[:, None, None, :]
-    torch.testing.assert_close(scores[~masked.expand_as(scores)], ((q @ k_rep.transpose(-1, -2)) / 4.0)[~masked.expand_as(scores)])
+    torch.testing.assert_close(
+        scores[~masked.expand_as(scores)], ((q @ k_rep.transpose(-1, -2)) / 4.0)[~masked.expand_as(scores)]
+    )
     assert float(probs[..., causal].abs().max()) == 0.0
     ctx = (probs @ v_rep).permute(0, 2, 1, 3).reshape(B, S, 64)
     torch.testing.assert_close(f["layers.1.attention.context"], ctx)
@@ -127,7 +132,14 @@ def test_fused_and_explicit_attention_agree(family: str, encoder_cfg, decoder_cf
 def test_features_keep_their_graph(encoder_cfg, batch) -> None:
     model = build_model(encoder_cfg(head="classification"))
     b = batch(100)
-    with model.capture({"layers.0.output", "layers.1.attention.probs", "layers.0.ffn.intermediate", "layers.1.attention.query"}) as f:
+    with model.capture(
+        {
+            "layers.0.output",
+            "layers.1.attention.probs",
+            "layers.0.ffn.intermediate",
+            "layers.1.attention.query",
+        }
+    ) as f:
         model(**b)
     loss = sum(t.square().mean() for t in f.values())
     loss.backward()

@@ -57,7 +57,11 @@ def _loss(f: dict[str, torch.Tensor], feats: dict[str, torch.Tensor]) -> torch.T
 
 def _run_case(model: GkdModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     model.eval()
-    kwargs = dict(batch) if model.model_config.family == "encoder" else {k: batch[k] for k in ("input_ids", "attention_mask")}
+    kwargs = (
+        dict(batch)
+        if model.model_config.family == "encoder"
+        else {k: batch[k] for k in ("input_ids", "attention_mask")}
+    )
     with model.capture(_features(model)) as f:
         out = model(**kwargs)
     feats = {name: _gathered(name, t) for name, t in f.items()}

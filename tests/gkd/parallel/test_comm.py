@@ -39,9 +39,14 @@ def comm_worker() -> dict[str, torch.Tensor]:
     loss.backward()
     summed = parallel.all_reduce_sum_over_tp(torch.tensor([float(rank + 1)], requires_grad=True))
     return {
-        "rank": torch.tensor(rank), "tp": torch.tensor(tp), "loss": loss.detach(),
-        "gathered_heads": gathered_heads.detach(), "gathered_ctx": gathered_ctx.detach(),
-        "heads_grad": heads.grad, "ctx_grad": ctx.grad, "summed": summed.detach(),
+        "rank": torch.tensor(rank),
+        "tp": torch.tensor(tp),
+        "loss": loss.detach(),
+        "gathered_heads": gathered_heads.detach(),
+        "gathered_ctx": gathered_ctx.detach(),
+        "heads_grad": heads.grad,
+        "ctx_grad": ctx.grad,
+        "summed": summed.detach(),
     }
 
 
@@ -69,14 +74,21 @@ def test_gather_and_reduce_match_unsharded_math() -> None:
 
 
 def test_worker_errors_surface_in_the_parent() -> None:
-    with pytest.raises(parallel.DistributedWorkerError, match=r"(?s)^rank 1 failed first.*rank 1 failed on purpose"):
+    with pytest.raises(
+        parallel.DistributedWorkerError, match=r"(?s)^rank 1 failed first.*rank 1 failed on purpose"
+    ):
         parallel.run_distributed(failing_worker, 2, megatron=False, timeout_s=60)
 
 
 def test_single_rank_collectives_are_identities() -> None:
     parallel.ensure_initialized()
     t = torch.randn(2, 3, 4)
-    for fn in (parallel.gather_heads, parallel.gather_last_dim, parallel.all_reduce_mean_over_tp, parallel.all_reduce_sum_over_tp):
+    for fn in (
+        parallel.gather_heads,
+        parallel.gather_last_dim,
+        parallel.all_reduce_mean_over_tp,
+        parallel.all_reduce_sum_over_tp,
+    ):
         assert fn(t) is t
     assert parallel.shard_along_dim(t, 1, rank=1, world=3).shape == (2, 1, 4)
     with pytest.raises(ValueError, match="not divisible by tp"):

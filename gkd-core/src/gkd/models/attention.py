@@ -59,7 +59,9 @@ class TappedCoreAttention(MegatronModule):
         self.dropout_p = config.attention_dropout
         self.softmax_in_fp32 = config.attention_softmax_in_fp32
 
-    def _full_mask(self, mask: torch.Tensor | None, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
+    def _full_mask(
+        self, mask: torch.Tensor | None, sq: int, sk: int, device: torch.device
+    ) -> torch.Tensor | None:
         if not self.causal:
             return mask
         causal = torch.ones(sq, sk, dtype=torch.bool, device=device).triu_(1)
@@ -71,6 +73,51 @@ class TappedCoreAttention(MegatronModule):
         if self.training and self.dropout_p > 0:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+    def _explicit(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scores and probabilities as tensors (the taps need them)."""
+        if self.kv_heads_local != self.heads_local:
+            rep = self.heads_local // self.kv_heads_local
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        mask = self._full_mask(padding, q.size(2), k.size(2), q.device)
+        if mask is not None:
+            scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+        scores = tap_in_layer("attention.scores", scores, Layout.PUBLIC)
+        if self.softmax_in_fp32 and scores.dtype != torch.float32:
+            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        probs = tap_in_layer("attention.probs", probs, Layout.PUBLIC)
+        with self._dropout_rng():
+            probs = F.dropout(probs, p=self.dropout_p, training=self.training)
+        return torch.matmul(probs, v)
+
+    def _fused(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``scaled_dot_product_attention``: no per-head ``s × s`` tensor is kept."""
+        # Causal without padding: the kernel builds the triangle itself (no mask tensor at all).
+        causal_flag = self.causal and padding is None and q.size(2) == k.size(2)
+        mask = None if causal_flag else self._full_mask(padding, q.size(2), k.size(2), q.device)
+        additive = None
+        if mask is not None:
+            # Additive finite mask (not boolean): rows with every key masked stay finite.
+            additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+            additive.masked_fill_(mask, torch.finfo(q.dtype).min)
+        with self._dropout_rng():
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=additive,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                is_causal=causal_flag,
+                scale=self.scale,
+                enable_gqa=self.kv_heads_local != self.heads_local,
+            )
 
     def forward(
         self,
@@ -88,49 +135,13 @@ class TappedCoreAttention(MegatronModule):
         key = tap_in_layer("attention.key", key, Layout.SBND)
         value = tap_in_layer("attention.value", value, Layout.SBND)
         sq, b = query.shape[:2]
-        sk = key.shape[0]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, d]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, d]
         v = value.permute(1, 2, 0, 3)
-        mask = self._full_mask(attention_mask, sq, sk, query.device)
-        dropout_p = self.dropout_p if self.training else 0.0
-
         if wants_in_layer("attention.scores") or wants_in_layer("attention.probs"):
-            if self.kv_heads_local != self.heads_local:
-                rep = self.heads_local // self.kv_heads_local
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-            if mask is not None:
-                scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
-            scores = tap_in_layer("attention.scores", scores, Layout.PUBLIC)
-            if self.softmax_in_fp32 and scores.dtype != torch.float32:
-                probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-            else:
-                probs = torch.softmax(scores, dim=-1)
-            probs = tap_in_layer("attention.probs", probs, Layout.PUBLIC)
-            with self._dropout_rng():
-                probs = F.dropout(probs, p=dropout_p, training=self.training)
-            context = torch.matmul(probs, v)
+            context = self._explicit(q, k, v, attention_mask)
         else:
-            attn_mask = None
-            # Causal without padding: let the kernel build the triangle (nothing stored).
-            use_causal_flag = self.causal and attention_mask is None and sq == sk
-            if mask is not None and not use_causal_flag:
-                # Additive finite mask (not boolean): rows with every key masked stay finite.
-                attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                    mask, torch.finfo(q.dtype).min
-                )
-            with self._dropout_rng():
-                context = F.scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    attn_mask=attn_mask,
-                    dropout_p=dropout_p,
-                    is_causal=use_causal_flag,
-                    scale=self.scale,
-                    enable_gqa=self.kv_heads_local != self.heads_local,
-                )
+            context = self._fused(q, k, v, attention_mask)
         context = context.permute(2, 0, 1, 3).reshape(sq, b, self.heads_local * self.head_dim)
         return tap_in_layer("attention.context", context, Layout.SBH)
 

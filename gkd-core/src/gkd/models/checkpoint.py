@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from gkd import parallel
 from gkd.models.config import HeadKind, ModelConfig
 from gkd.models.model import GkdModel, build_model
-from gkd.models.sharding import ShardKind, gather_full, local_slice, shard_kind
+from gkd.models.sharding import ShardKind, gather_full, shard_kind
 
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json",
@@ -52,6 +52,12 @@ class TensorSource(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """``get(name)`` restricted to ``start:stop`` along ``dim`` (0 or 1)."""
+        ...
+
 
 class SafetensorsDir:
     """Lazily reads tensors from ``model.safetensors`` or ``model.safetensors.index.json``."""
@@ -77,11 +83,22 @@ class SafetensorsDir:
     def keys(self) -> Iterable[str]:
         return self._files.keys()
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str) -> Any:
         file = self._files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        # safetensors reads only the requested rows/columns from the file.
+        part = self._handle(name).get_slice(name)
+        return part[start:stop] if dim == 0 else part[:, start:stop]
 
 
 class DictSource:
@@ -95,6 +112,12 @@ class DictSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name].narrow(dim, start, stop - start)
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -120,9 +143,10 @@ def _qkv(gkd: str, hf: tuple[str, str, str], cfg: ModelConfig) -> _Entry:
     def join(ts: list[torch.Tensor]) -> torch.Tensor:
         q, k, v = ts
         tail = q.shape[1:]
+        n = k.shape[0] // d  # all groups, or this rank's groups when joining TP slices
         return torch.cat(
-            [q.reshape(groups, per_group * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)], dim=1
-        ).reshape(groups * (per_group + 2) * d, *tail)
+            [q.reshape(n, per_group * d, *tail), k.reshape(n, d, *tail), v.reshape(n, d, *tail)], dim=1
+        ).reshape(n * (per_group + 2) * d, *tail)
 
     def split(t: torch.Tensor) -> list[torch.Tensor]:
         tail = t.shape[1:]
@@ -168,8 +192,11 @@ def _entries(cfg: ModelConfig, prefix: str) -> dict[str, _Entry]:
             g, h = f"layers.{i}.", f"{p}encoder.layer.{i}."
             for w in ("weight", "bias"):
                 out += [
-                    _qkv(f"{g}self_attention.linear_qkv.{w}",
-                         tuple(f"{h}attention.self.{n}.{w}" for n in ("query", "key", "value")), cfg),  # type: ignore[arg-type]
+                    _qkv(
+                        f"{g}self_attention.linear_qkv.{w}",
+                        tuple(f"{h}attention.self.{n}.{w}" for n in ("query", "key", "value")),
+                        cfg,
+                    ),  # type: ignore[arg-type]
                     _single(f"{g}self_attention.linear_proj.{w}", f"{h}attention.output.dense.{w}"),
                     _single(f"{g}attention_norm.{w}", f"{h}attention.output.LayerNorm.{w}"),
                     _single(f"{g}mlp.linear_fc1.{w}", f"{h}intermediate.dense.{w}"),
@@ -186,8 +213,11 @@ def _entries(cfg: ModelConfig, prefix: str) -> dict[str, _Entry]:
             g, h = f"layers.{i}.", f"{p}layers.{i}."
             out += [
                 _single(f"{g}attention_norm.weight", f"{h}input_layernorm.weight"),
-                _qkv(f"{g}self_attention.linear_qkv.weight",
-                     tuple(f"{h}self_attn.{n}_proj.weight" for n in "qkv"), cfg),  # type: ignore[arg-type]
+                _qkv(
+                    f"{g}self_attention.linear_qkv.weight",
+                    tuple(f"{h}self_attn.{n}_proj.weight" for n in "qkv"),
+                    cfg,
+                ),  # type: ignore[arg-type]
                 _single(f"{g}self_attention.linear_proj.weight", f"{h}self_attn.o_proj.weight"),
                 _single(f"{g}mlp_norm.weight", f"{h}post_attention_layernorm.weight"),
                 _glu(f"{g}mlp.linear_fc1.weight", f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"),
@@ -228,6 +258,49 @@ class LoadReport:
     """checkpoint tensors that no gkd parameter used."""
 
 
+def _read_local(
+    src: TensorSource,
+    name: str,
+    kind: ShardKind,
+    rank: int,
+    tp: int,
+    local_shape: torch.Size,
+    vocab_size: int,
+) -> torch.Tensor:
+    """This rank's part of one HF tensor, reading no more of it than that part.
+
+    Every sharded HF tensor splits into ``tp`` equal blocks along one dimension — rows for
+    column-parallel, GLU (gate and up separately), QKV (q, k, v separately: rank r's blocks
+    are its query groups) and vocabulary tensors, columns for row-parallel ones — and the
+    gkd parameter is the join of block ``r`` of each. Vocabulary blocks are cut from the
+    padded row range and padded with zero rows.
+    """
+    if kind is ShardKind.VOCAB and src.shape(name)[0] != vocab_size:
+        raise ValueError(
+            f"{name}: checkpoint has {src.shape(name)[0]} vocabulary rows, the model {vocab_size}"
+        )
+    if tp == 1 or kind is ShardKind.REPLICATED:
+        return src.get(name)
+    if kind is ShardKind.VOCAB:
+        rows, total = local_shape[0], vocab_size
+        start = rank * rows
+        stop = min(start + rows, total)
+        part = src.get_part(name, 0, start, stop) if start < total else None
+        have = 0 if part is None else part.shape[0]
+        if part is not None and have == rows:
+            return part
+        pad = torch.zeros(
+            (rows - have, *local_shape[1:]), dtype=torch.float32 if part is None else part.dtype
+        )
+        return pad if part is None else torch.cat([part, pad], dim=0)
+    dim = 1 if kind is ShardKind.ROW else 0
+    size = src.shape(name)[dim]
+    if size % tp:
+        raise ValueError(f"{name}: dimension {dim} of size {size} cannot be split over tp={tp}")
+    block = size // tp
+    return src.get_part(name, dim, rank * block, (rank + 1) * block)
+
+
 def load_hf_weights(
     model: GkdModel, source: str | os.PathLike[str] | TensorSource, *, strict: bool = True
 ) -> LoadReport:
@@ -255,9 +328,10 @@ def load_hf_weights(
         if not all(n in names for n in entry.hf):
             report.missing.append(name)
             continue
-        full = entry.join([src.get(n) for n in entry.hf])
         kind = shard_kind(name, cfg)
-        local = local_slice(full, kind, rank, tp, padded_rows=model.padded_vocab_size if kind is ShardKind.VOCAB else None)
+        local = entry.join(
+            [_read_local(src, n, kind, rank, tp, param.shape, cfg.vocab_size) for n in entry.hf]
+        )
         if local.shape != param.shape:
             raise ValueError(
                 f"{name}: checkpoint tensor(s) {list(entry.hf)} give local shape {tuple(local.shape)}, "
@@ -269,7 +343,9 @@ def load_hf_weights(
         report.loaded.append(name)
     report.unexpected = sorted(n for n in names - used if not _ignorable(n, cfg))
     if strict and (report.missing or report.unexpected):
-        raise KeyError(f"checkpoint does not match the model: missing {report.missing}, unexpected {report.unexpected}")
+        raise KeyError(
+            f"checkpoint does not match the model: missing {report.missing}, unexpected {report.unexpected}"
+        )
     return report
 
 
@@ -278,7 +354,9 @@ def read_hf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text())
 
 
-def load_model_config(path: str | os.PathLike[str], *, head: HeadKind | None = None, **overrides: Any) -> ModelConfig:
+def load_model_config(
+    path: str | os.PathLike[str], *, head: HeadKind | None = None, **overrides: Any
+) -> ModelConfig:
     """:meth:`ModelConfig.from_hf_config` on a checkpoint directory's ``config.json``."""
     return ModelConfig.from_hf_config(read_hf_config(path), head=head, **overrides)
 
@@ -381,7 +459,9 @@ def export_hf(
     tensors = hf_state_dict(model)
     if parallel.is_global_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(
+            out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
+        )
         config_text = json.dumps(model.model_config.to_hf_config(), indent=2, sort_keys=True) + "\n"
         atomic_write(out / "config.json", lambda p: p.write_text(config_text))
         if tokenizer_dir is not None:

@@ -20,7 +20,11 @@ HEADS_BY_FAMILY: dict[str, tuple[str, ...]] = {
     "encoder": ("none", "mlm", "classification"),
     "decoder": ("none", "lm"),
 }
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_new": functools.partial(F.gelu, approximate="tanh"),
@@ -31,7 +35,11 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 # HF architecture names written by to_hf_config() and understood by from_hf_config().
-_ENCODER_ARCH = {"none": "BertModel", "mlm": "BertForMaskedLM", "classification": "BertForSequenceClassification"}
+_ENCODER_ARCH = {
+    "none": "BertModel",
+    "mlm": "BertForMaskedLM",
+    "classification": "BertForSequenceClassification",
+}
 _DECODER_ARCH = {"none": "LlamaModel", "lm": "LlamaForCausalLM"}
 
 
@@ -114,26 +122,38 @@ class ModelConfig:
         if self.family not in FAMILIES:
             errors.append(f"family ({self.family!r}) must be one of {FAMILIES}")
         elif self.head not in HEADS_BY_FAMILY[self.family]:
-            errors.append(f"head ({self.head!r}) must be one of {HEADS_BY_FAMILY[self.family]} for family {self.family!r}")
+            errors.append(
+                f"head ({self.head!r}) must be one of {HEADS_BY_FAMILY[self.family]} for family {self.family!r}"
+            )
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name} ({getattr(self, name)}) must be positive")
-        if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+        if (
+            self.head_dim is None
+            and self.num_attention_heads > 0
+            and self.hidden_size % self.num_attention_heads
+        ):
             errors.append(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads}) unless head_dim is given"
             )
         kv = self.kv_heads
         if kv <= 0 or self.num_attention_heads % kv:
-            errors.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_kv_heads ({kv})")
+            errors.append(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_kv_heads ({kv})"
+            )
         if self.hidden_act not in _ACTIVATIONS:
             errors.append(f"hidden_act ({self.hidden_act!r}) must be one of {sorted(_ACTIVATIONS)}")
         if self.family == "decoder" and self.hidden_act not in ("silu", "swish"):
             errors.append(f"decoder models use SwiGLU: hidden_act ({self.hidden_act!r}) must be 'silu'")
         if self.family == "encoder" and kv != self.num_attention_heads:
-            errors.append(f"encoders use multi-head attention: num_kv_heads ({kv}) must equal num_attention_heads ({self.num_attention_heads})")
+            errors.append(
+                f"encoders use multi-head attention: num_kv_heads ({kv}) must equal num_attention_heads ({self.num_attention_heads})"
+            )
         if self.head == "classification" and not self.add_pooler:
-            errors.append("head 'classification' needs add_pooler=True (pooler tanh on [CLS], as BertForSequenceClassification)")
+            errors.append(
+                "head 'classification' needs add_pooler=True (pooler tanh on [CLS], as BertForSequenceClassification)"
+            )
         if self.head == "classification" and self.num_labels < 1:
             errors.append(f"num_labels ({self.num_labels}) must be >= 1")
         if self.dtype not in _DTYPES:
@@ -222,7 +242,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], *, head: HeadKind | None = None, **overrides: Any) -> ModelConfig:
+    def from_hf_config(
+        cls, hf: Mapping[str, Any], *, head: HeadKind | None = None, **overrides: Any
+    ) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict (``bert`` or ``llama`` model types).
 
         Args:
@@ -235,7 +257,14 @@ class ModelConfig:
         """
         model_type = hf.get("model_type")
         arch = (hf.get("architectures") or [""])[0]
-        known: set[str] = {"architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+        known: set[str] = {
+            "architectures",
+            "model_type",
+            "transformers_version",
+            "_name_or_path",
+            "dtype",
+            "torch_dtype",
+        }
 
         def take(key: str, default: Any = None) -> Any:
             known.add(key)
@@ -243,12 +272,17 @@ class ModelConfig:
 
         if model_type == "bert":
             if take("position_embedding_type", "absolute") != "absolute":
-                raise ValueError(f"only absolute position embeddings are supported, got {hf['position_embedding_type']!r}")
+                raise ValueError(
+                    f"only absolute position embeddings are supported, got {hf['position_embedding_type']!r}"
+                )
             if take("is_decoder", False) or take("add_cross_attention", False):
                 raise ValueError("BERT configs with is_decoder/add_cross_attention are not supported")
             if head is None:
-                head = "mlm" if ("MaskedLM" in arch or "PreTraining" in arch) else (
-                    "classification" if "SequenceClassification" in arch else "none")
+                head = (
+                    "mlm"
+                    if ("MaskedLM" in arch or "PreTraining" in arch)
+                    else ("classification" if "SequenceClassification" in arch else "none")
+                )
             id2label = take("id2label")
             num_labels = len(id2label) if id2label else take("num_labels", 2)
             if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
@@ -268,7 +302,9 @@ class ModelConfig:
                 head=head,
                 add_pooler=head != "mlm",
                 num_labels=num_labels,
-                id2label={int(k): str(v) for k, v in id2label.items()} if id2label and head == "classification" else None,
+                id2label={int(k): str(v) for k, v in id2label.items()}
+                if id2label and head == "classification"
+                else None,
                 classifier_dropout=take("classifier_dropout"),
                 hidden_dropout=take("hidden_dropout_prob", 0.1),
                 attention_dropout=take("attention_probs_dropout_prob", 0.1),
@@ -318,10 +354,21 @@ class ModelConfig:
                 eos_token_id=take("eos_token_id"),
             )
         else:
-            raise ValueError(f"unsupported model_type {model_type!r}; gkd reads 'bert' (encoder) and 'llama' (decoder)")
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; gkd reads 'bert' (encoder) and 'llama' (decoder)"
+            )
         # Keys HF writes for every model; they carry no architecture information.
-        known |= {"num_labels", "problem_type", "use_cache", "gradient_checkpointing", "output_hidden_states",
-                  "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder"}
+        known |= {
+            "num_labels",
+            "problem_type",
+            "use_cache",
+            "gradient_checkpointing",
+            "output_hidden_states",
+            "output_attentions",
+            "return_dict",
+            "chunk_size_feed_forward",
+            "is_encoder_decoder",
+        }
         kw["extra_hf"] = {k: v for k, v in hf.items() if k not in known}
         kw.update(overrides)
         return cls(**kw)
@@ -375,7 +422,13 @@ class ModelConfig:
                 "initializer_range": self.initializer_range,
                 "tie_word_embeddings": self.tie_word_embeddings,
             }
-        hf.update({"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id})
+        hf.update(
+            {
+                "pad_token_id": self.pad_token_id,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
+            }
+        )
         hf["torch_dtype"] = self.dtype
         for key, value in self.extra_hf.items():
             hf.setdefault(key, value)

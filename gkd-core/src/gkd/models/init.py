@@ -92,7 +92,9 @@ def pretrained_student(
     return model
 
 
-def distilled_student(path: str | os.PathLike[str], cfg: ModelConfig | None = None, *, seed: int = 0) -> GkdModel:
+def distilled_student(
+    path: str | os.PathLike[str], cfg: ModelConfig | None = None, *, seed: int = 0
+) -> GkdModel:
     """A student from another run's :func:`~gkd.models.checkpoint.export_hf` directory."""
     return pretrained_student(path, cfg, seed=seed)
 
@@ -124,23 +126,27 @@ def truncated_state(
         teacher counterpart (e.g. a new classifier) are absent.
     """
     if teacher_cfg.family != student_cfg.family:
-        raise ValueError(f"cannot truncate a {teacher_cfg.family} teacher into a {student_cfg.family} student")
+        raise ValueError(
+            f"cannot truncate a {teacher_cfg.family} teacher into a {student_cfg.family} student"
+        )
     s_prefix, t_prefix = hf_prefix(student_cfg), detect_hf_prefix(teacher_cfg, set(teacher))
     out: dict[str, torch.Tensor] = {}
     for s_name, shape in student_shapes.items():
         if s_prefix and not s_name.startswith(s_prefix):
             t_name = s_name  # head tensors carry no backbone prefix
         else:
-            base = s_name[len(s_prefix):]
+            base = s_name[len(s_prefix) :]
             match = _LAYER_KEY.match(base)
             if match:
-                base = f"{match.group(1)}.{layer_map[int(match.group(2))]}.{base[match.end():]}"
+                base = f"{match.group(1)}.{layer_map[int(match.group(2))]}.{base[match.end() :]}"
             t_name = t_prefix + base
         if t_name not in teacher:
             continue
         src = teacher[t_name]
         if src.dim() != len(shape) or any(s > t for s, t in zip(shape, src.shape, strict=True)):
-            raise ValueError(f"student tensor {s_name} {tuple(shape)} is not a leading slice of teacher {t_name} {tuple(src.shape)}")
+            raise ValueError(
+                f"student tensor {s_name} {tuple(shape)} is not a leading slice of teacher {t_name} {tuple(src.shape)}"
+            )
         out[s_name] = src[tuple(slice(0, n) for n in shape)].clone()
     return out
 

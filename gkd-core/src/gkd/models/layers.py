@@ -81,7 +81,9 @@ class GkdTransformerLayer(MegatronModule):
         self.hidden_dropout = config.hidden_dropout
         norm_kw = dict(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
         self.attention_norm = build_module(submodules.attention_norm, **norm_kw)
-        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number)
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_number=layer_number
+        )
         self.mlp_norm = build_module(submodules.mlp_norm, **norm_kw)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         self.rotary = (
@@ -102,7 +104,9 @@ class GkdTransformerLayer(MegatronModule):
             out = out + bias
         return F.dropout(out, p=self.hidden_dropout, training=self.training)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run the layer.
 
         Args:
@@ -117,7 +121,9 @@ class GkdTransformerLayer(MegatronModule):
         if self.norm_position == "post":
             x = self.attention_norm(x + self._residual(self.self_attention(x, attention_mask)))
             return self.mlp_norm(x + self._residual(self.mlp(x)))
-        x = x + self._residual(self.self_attention(self.attention_norm(x), attention_mask, rotary_pos_emb=rope))
+        x = x + self._residual(
+            self.self_attention(self.attention_norm(x), attention_mask, rotary_pos_emb=rope)
+        )
         return x + self._residual(self.mlp(self.mlp_norm(x)))
 
 
@@ -133,7 +139,9 @@ def _self_attention_spec(mask_type: AttnMaskType) -> ModuleSpec:
     )
 
 
-_MLP_SPEC = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=FfnOutputLinear))
+_MLP_SPEC = ModuleSpec(
+    module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=FfnOutputLinear)
+)
 
 
 def get_encoder_layer_spec() -> ModuleSpec:

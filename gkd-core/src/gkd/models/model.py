@@ -57,9 +57,13 @@ class Embeddings(nn.Module):
             padded_vocab, cfg.hidden_size, init_method=tconfig.init_method, config=tconfig
         )
         encoder = cfg.family == "encoder"
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype) if encoder else None
+        self.position_embeddings = (
+            nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype) if encoder else None
+        )
         self.token_type_embeddings = (
-            nn.Embedding(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype) if encoder and cfg.type_vocab_size > 0 else None
+            nn.Embedding(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype)
+            if encoder and cfg.type_vocab_size > 0
+            else None
         )
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype) if encoder else None
         self.dropout = cfg.hidden_dropout if encoder else 0.0
@@ -99,7 +103,9 @@ class GkdModel(MegatronModule):
         encoder = cfg.family == "encoder"
         self.embeddings = Embeddings(cfg, tconfig, self.padded_vocab_size)
         spec = get_encoder_layer_spec() if encoder else get_decoder_layer_spec(cfg.rope_theta)
-        self.layers = nn.ModuleList(build_module(spec, config=tconfig, layer_number=i + 1) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            build_module(spec, config=tconfig, layer_number=i + 1) for i in range(cfg.num_layers)
+        )
         dtype = tconfig.params_dtype
         self.final_norm = None if encoder else nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
         h = cfg.hidden_size
@@ -129,7 +135,9 @@ class GkdModel(MegatronModule):
             param.partition_dim = dims.get(kind, -1)
             param.partition_stride = 2 if kind is ShardKind.GLU else 1
 
-    def _vocab_projection(self, cfg: ModelConfig, tconfig: TransformerConfig, *, bias: bool) -> ColumnParallelLinear:
+    def _vocab_projection(
+        self, cfg: ModelConfig, tconfig: TransformerConfig, *, bias: bool
+    ) -> ColumnParallelLinear:
         # Vocabulary-parallel output layer; with tied embeddings it has no weight of its own
         # and receives the (identically sharded) word embedding matrix in forward.
         return ColumnParallelLinear(
@@ -227,7 +235,9 @@ class GkdModel(MegatronModule):
         with activate(session):
             out = self._forward(input_ids, attention_mask, token_type_ids, session)
         if session is not None and session.missing():
-            raise RuntimeError(f"requested features were not produced by the forward pass: {session.missing()}")
+            raise RuntimeError(
+                f"requested features were not produced by the forward pass: {session.missing()}"
+            )
         return out
 
     def _forward(
@@ -241,7 +251,9 @@ class GkdModel(MegatronModule):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if cfg.family == "encoder" and input_ids.size(1) > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.size(1)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {input_ids.size(1)} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+            )
         # megatron convention: boolean, True = masked out; [b, 1, 1, s] masks padded keys.
         mask = None if attention_mask is None else (attention_mask == 0)[:, None, None, :]
 
@@ -286,7 +298,9 @@ class GkdModel(MegatronModule):
         for i, layer in enumerate(layers):
             other = getattr(getattr(layer, "config", None), "hidden_size", h)
             if other != h:
-                raise ValueError(f"layer {i} chosen by the 'layers' operation has hidden size {other}, the model has {h}")
+                raise ValueError(
+                    f"layer {i} chosen by the 'layers' operation has hidden size {other}, the model has {h}"
+                )
 
     # ------------------------------------------------------------------ bookkeeping
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -343,7 +357,11 @@ def build_model(
         torch.manual_seed(seed)
         model = GkdModel(cfg, tconfig)
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     return model.to(device)
 
 

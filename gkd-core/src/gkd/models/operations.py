@@ -76,7 +76,9 @@ def write_span(
         b, s = t.shape[:2]
         dst = torch.as_tensor(start, device=t.device).expand(b)
         src = dst if src_start is None else torch.as_tensor(src_start, device=t.device).expand(b)
-        if bool(((dst < 0) | (dst + length > s)).any()) or bool(((src < 0) | (src + length > values.size(1))).any()):
+        if bool(((dst < 0) | (dst + length > s)).any()) or bool(
+            ((src < 0) | (src + length > values.size(1))).any()
+        ):
             raise IndexError(f"span of length {length} does not fit: starts {dst.tolist()} / {src.tolist()}")
         pos = torch.arange(s, device=t.device)[None, :]
         inside = (pos >= dst[:, None]) & (pos < dst[:, None] + length)  # [b, s]
@@ -103,7 +105,9 @@ def swap_layers(replacements: Mapping[int, nn.Module | Sequence[nn.Module]]) -> 
         out: list[nn.Module] = []
         for i, layer in enumerate(layers):
             new = replacements.get(i, layer)
-            out.extend([new] if isinstance(new, nn.Module) and not isinstance(new, nn.ModuleList) else list(new))
+            out.extend(
+                [new] if isinstance(new, nn.Module) and not isinstance(new, nn.ModuleList) else list(new)
+            )
         return out
 
     return op

@@ -1,22 +1,20 @@
-"""How each gkd parameter is split over tensor-parallel ranks, and moving between full and local.
+"""How each gkd parameter is split over tensor-parallel ranks.
 
 gkd names its parameters itself, so the split rule is a function of the name:
 
-=============================================  ==========  ===============================
-parameter                                      kind        local part on rank r of tp
-=============================================  ==========  ===============================
-``embeddings.word_embeddings.weight``          vocab       rows ``r``-th 1/tp of padded V
-``lm_head.weight``, ``mlm_decoder.weight|bias``  vocab       same
-``*.linear_qkv.weight|bias``                   column      rows: query groups of rank r
-``*.linear_fc1.weight|bias`` (encoder)         column      rows
-``*.linear_fc1.weight`` (decoder, SwiGLU)      glu         ``[gate_r; up_r]``
-``*.linear_proj.weight``, ``*.linear_fc2.weight``  row         columns
-everything else (norms, biases after a row-    replicated  the full tensor
-parallel layer, positions, pooler, classifier)
-=============================================  ==========  ===============================
+* ``vocab`` — ``embeddings.word_embeddings.weight``, ``lm_head.weight``,
+  ``mlm_decoder.weight|bias``: rank r holds rows ``[r·Vp/tp, (r+1)·Vp/tp)`` of the
+  vocabulary padded to ``Vp`` (a multiple of tp);
+* ``column`` — ``*.linear_qkv.weight|bias`` (rank r's query groups, megatron's fused
+  ``[q heads of g; k_g; v_g]`` per group) and the encoder's ``*.linear_fc1.weight|bias``: rows;
+* ``glu`` — the decoder's ``*.linear_fc1.weight``: ``[gate_r; up_r]``;
+* ``row`` — ``*.linear_proj.weight``, ``*.linear_fc2.weight``: columns;
+* ``replicated`` — everything else (norms, biases after a row-parallel layer, positions,
+  token types, pooler, classifier, MLM transform): the full tensor on every rank.
 
-"Full" tensors here are in the TP=1 megatron layout (qkv interleaved per query group,
-``[gate; up]`` stacked, vocabulary padded to a multiple of tp).
+"Full" tensors are in the TP=1 megatron layout (qkv interleaved per query group, ``[gate; up]``
+stacked, padded vocabulary). :mod:`gkd.models.checkpoint` reads each rank's part from HF files
+and uses :func:`gather_full` to merge parts for export.
 """
 
 from __future__ import annotations
@@ -39,7 +37,9 @@ class ShardKind(enum.Enum):
     VOCAB = "vocab"
 
 
-_VOCAB_PARAMS = frozenset({"embeddings.word_embeddings.weight", "lm_head.weight", "mlm_decoder.weight", "mlm_decoder.bias"})
+_VOCAB_PARAMS = frozenset(
+    {"embeddings.word_embeddings.weight", "lm_head.weight", "mlm_decoder.weight", "mlm_decoder.bias"}
+)
 
 
 def shard_kind(name: str, config: ModelConfig) -> ShardKind:
@@ -55,36 +55,9 @@ def shard_kind(name: str, config: ModelConfig) -> ShardKind:
     return ShardKind.REPLICATED
 
 
-def local_slice(full: torch.Tensor, kind: ShardKind, rank: int, tp: int, padded_rows: int | None = None) -> torch.Tensor:
-    """This rank's part of a full tensor.
-
-    Args:
-        full: Full (TP=1 layout) tensor; for ``VOCAB`` it may be unpadded.
-        kind: Split rule.
-        rank: Rank inside the TP group.
-        tp: TP size.
-        padded_rows: For ``VOCAB``: number of rows after padding (zeros are appended).
-    """
-    if kind is ShardKind.VOCAB and padded_rows is not None and full.size(0) < padded_rows:
-        pad = full.new_zeros((padded_rows - full.size(0), *full.shape[1:]))
-        full = torch.cat([full, pad], dim=0)
-    if tp == 1 or kind is ShardKind.REPLICATED:
-        return full
-    if kind in (ShardKind.COLUMN, ShardKind.VOCAB):
-        return _chunk(full, 0, rank, tp)
-    if kind is ShardKind.ROW:
-        return _chunk(full, 1, rank, tp)
-    gate, up = full.chunk(2, dim=0)
-    return torch.cat([_chunk(gate, 0, rank, tp), _chunk(up, 0, rank, tp)], dim=0)
-
-
-def _chunk(t: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
-    if t.size(dim) % tp:
-        raise ValueError(f"cannot split dimension {dim} of size {t.size(dim)} over tp={tp}")
-    return t.chunk(tp, dim=dim)[rank]
-
-
-def gather_full(local: torch.Tensor, kind: ShardKind, group: dist.ProcessGroup | None, tp: int) -> torch.Tensor:
+def gather_full(
+    local: torch.Tensor, kind: ShardKind, group: dist.ProcessGroup | None, tp: int
+) -> torch.Tensor:
     """Reassemble a full (TP=1 layout, still padded) tensor from every rank's part.
 
     Collective over ``group`` when ``tp > 1`` and the parameter is sharded.
@@ -102,4 +75,4 @@ def gather_full(local: torch.Tensor, kind: ShardKind, group: dist.ProcessGroup |
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
 
-__all__ = ["ShardKind", "gather_full", "local_slice", "shard_kind"]
+__all__ = ["ShardKind", "gather_full", "shard_kind"]

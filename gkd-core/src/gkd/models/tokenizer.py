@@ -65,7 +65,9 @@ def load_tokenizer(
     return tok
 
 
-def encode_batch(tokenizer: Tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+def encode_batch(
+    tokenizer: Tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
     """Tokenise a batch into ``input_ids``, ``attention_mask`` and ``token_type_ids`` ``[b, s]``.
 
     The tokenizer must pad (see :func:`load_tokenizer`) unless all encodings have one length.
@@ -73,7 +75,9 @@ def encode_batch(tokenizer: Tokenizer, texts: Sequence[str] | Sequence[tuple[str
     encodings = tokenizer.encode_batch(list(texts))
     lengths = {len(e.ids) for e in encodings}
     if len(lengths) > 1:
-        raise ValueError(f"encodings have different lengths {sorted(lengths)}; enable padding in the tokenizer")
+        raise ValueError(
+            f"encodings have different lengths {sorted(lengths)}; enable padding in the tokenizer"
+        )
     return {
         "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
         "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),

@@ -21,11 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gkd.parallel.state import tp_group, tp_rank, tp_world_size
+from gkd.parallel.state import is_initialized, tp_group, tp_rank, tp_world_size
 
 
-def _group_or_default(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return tp_group() if group is None else group
+def _tp_size(group: dist.ProcessGroup | None) -> tuple[int, dist.ProcessGroup | None]:
+    """(size, group) of the TP group; size 1 when no parallel state exists, so losses built on
+    these helpers also run on plain tensors (unit tests, research code without models)."""
+    if group is None:
+        if not is_initialized():
+            return 1, None
+        group = tp_group()
+    return dist.get_world_size(group), group
 
 
 class _GatherAlongDim(torch.autograd.Function):
@@ -58,8 +64,8 @@ class _AllReduce(torch.autograd.Function):
 
 def gather_along_dim(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """All-gather equal-sized TP shards and concatenate them along ``dim`` (differentiable)."""
-    group = _group_or_default(group)
-    if dist.get_world_size(group) == 1:
+    world, group = _tp_size(group)
+    if world == 1:
         return t
     return _GatherAlongDim.apply(t, dim % t.dim(), group)
 
@@ -85,8 +91,8 @@ def gather_last_dim(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
 
 def all_reduce_sum_over_tp(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum a per-rank partial value over the TP group (differentiable)."""
-    group = _group_or_default(group)
-    if dist.get_world_size(group) == 1:
+    world, group = _tp_size(group)
+    if world == 1:
         return t
     return _AllReduce.apply(t, 1.0, group)
 
@@ -97,14 +103,15 @@ def all_reduce_mean_over_tp(t: torch.Tensor, group: dist.ProcessGroup | None = N
     A mean computed over each rank's equal-sized shard, averaged this way, equals the mean
     over the full tensor.
     """
-    group = _group_or_default(group)
-    world = dist.get_world_size(group)
+    world, group = _tp_size(group)
     if world == 1:
         return t
     return _AllReduce.apply(t, 1.0 / world, group)
 
 
-def shard_along_dim(t: torch.Tensor, dim: int, rank: int | None = None, world: int | None = None) -> torch.Tensor:
+def shard_along_dim(
+    t: torch.Tensor, dim: int, rank: int | None = None, world: int | None = None
+) -> torch.Tensor:
     """This rank's contiguous 1/tp slice of a full tensor (no communication, no autograd)."""
     rank = tp_rank() if rank is None else rank
     world = tp_world_size() if world is None else world

@@ -85,7 +85,10 @@ def _worker(
 ) -> None:
     torch.set_num_threads(threads)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
     dist.init_process_group(
@@ -164,7 +167,18 @@ def run_distributed(
     try:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, find_free_port(), tp, seed, ref, tuple(args), out_dir, threads_per_rank, timeout_s, megatron),
+            args=(
+                world_size,
+                find_free_port(),
+                tp,
+                seed,
+                ref,
+                tuple(args),
+                out_dir,
+                threads_per_rank,
+                timeout_s,
+                megatron,
+            ),
             nprocs=world_size,
             join=False,
             start_method="spawn",
