@@ -16,12 +16,12 @@ import pytest
 import torch
 from torch import nn
 
+from gkd.atomic import atomic_write_json
 from gkd.engine import checkpoint as ckpt
 from gkd.engine.checkpoint import (
     CheckpointError,
     CheckpointState,
     atomic_save_safetensors,
-    atomic_write_json,
     find_latest,
     flatten_optimizer_state,
     list_checkpoints,

@@ -25,6 +25,7 @@ from gkd.engine.data import (
     read_examples,
     reuters_r8,
 )
+from gkd.models.tokenizer import TokenizerError
 from gkd.plugins.errors import GkdError
 
 
@@ -186,7 +187,7 @@ def test_llama_and_gpt2_style_special_tokens(llama_tokenizer_dir: Path, gpt2_tok
         assert Tokenizer.from_dir(llama_tokenizer_dir, 16).pad_id == 0
     finally:
         (llama_tokenizer_dir / "special_tokens_map.json").unlink()
-    with pytest.raises(DataError, match="cannot load the tokenizer"):
+    with pytest.raises(TokenizerError, match="cannot load the tokenizer"):
         Tokenizer.from_dir(llama_tokenizer_dir / "nowhere", 16)
 
 

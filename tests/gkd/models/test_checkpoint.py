@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from gkd.models import (
-    atomic_write,
     export_hf,
     from_pretrained,
     hf_state_dict,
@@ -160,20 +159,6 @@ def test_strict_loading_reports_mismatches(tiny_bert_dirs, tiny_llama_dir, tmp_p
     (tmp_path / "config.json").write_bytes((tiny_llama_dir / "config.json").read_bytes())
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
         from_pretrained(tmp_path)
-
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path) -> None:
-    target = tmp_path / "config.json"
-    atomic_write(target, lambda p: p.write_text("old"))
-
-    def broken(p: Path) -> None:
-        p.write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, broken)
-    assert target.read_text() == "old"
-    assert os.listdir(tmp_path) == ["config.json"]
 
 
 def test_ranks_read_only_their_part_of_sharded_tensors(tiny_llama_dir) -> None:

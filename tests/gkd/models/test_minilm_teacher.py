@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.models import encode_batch, from_pretrained, load_tokenizer
+from gkd.models import Tokenizer, from_pretrained
 
 SENTENCES = [
     "A man is playing guitar.",
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.real_model
 def teacher_and_reference(minilm_path):
     transformers = pytest.importorskip("transformers")
     teacher = from_pretrained(minilm_path).eval()
-    batch = encode_batch(load_tokenizer(minilm_path), SENTENCES)
+    batch = Tokenizer.from_dir(minilm_path, 128).encode(SENTENCES)
     names = {"embeddings", "pooled", "layers.3.attention.probs"} | {f"layers.{i}.output" for i in range(6)}
     with torch.no_grad():
         with teacher.capture(names) as feats:

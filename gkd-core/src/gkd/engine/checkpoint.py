@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from gkd.atomic import atomic_write, atomic_write_bytes, fsync_dir
 from gkd.plugins.errors import GkdError
 
 CHECKPOINTS = "checkpoints"
@@ -59,42 +60,8 @@ class CheckpointError(GkdError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic file helpers (used by other modules too)
+# Safetensors files (atomic writes come from gkd.atomic)
 # ---------------------------------------------------------------------------------------------
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (new, renamed or removed names) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU, contiguous, unshared tensors for safetensors, plus ``{alias: name}`` for tied ones.
@@ -143,15 +110,7 @@ def atomic_save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
 
     Tied tensors are stored once and come back tied from :func:`load_tensors`.
     """
-    path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        _write_safetensors(tmp, tensors, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, metadata))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gkd.engine.checkpoint import atomic_write_bytes, atomic_write_json
+from gkd.atomic import atomic_write_bytes, atomic_write_json
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -8,7 +8,6 @@ the weighted total loss plus every term, named ``<method>.<term>``. See
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkd.engine.data import seeded_generator
 from gkd.engine.method import STUDENT, Method, ModelOutputs, PassOutputs, PassPlan, StepContext
 from gkd.engine.plan import MergedPass, merge_plans
 from gkd.methods.losses import task_loss_per_example
@@ -43,8 +43,7 @@ class StepResult:
 
 def method_generator(seed: int, stage: str, iteration: int, method: str) -> torch.Generator:
     """A generator that depends only on (seed, stage, iteration, method): reproducible on resume."""
-    digest = hashlib.sha256(f"{seed}/{stage}/{iteration}/{method}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return seeded_generator(seed, stage, iteration, method)
 
 
 def step_context(seed: int, stage: str, stage_index: int, epoch: int, iteration: int, total: int,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gkd import parallel
+from gkd.atomic import atomic_write_json
 from gkd.config.run import RunConfig, StageConfig, StudentInit
 from gkd.engine import checkpoint as ckpt
 from gkd.engine.build import build_methods
@@ -292,7 +293,7 @@ class Trainer:
         model = from_pretrained(source, self._model_config(source), strict=False, device="cpu", seed=self.run.seed)
         self._train(index, stage, model, methods={})
         export_hf(model, out, tokenizer_dir=source)
-        ckpt.atomic_write_json(meta_path, {"fingerprint": fingerprint, "source": str(source), "stage": stage.name})
+        atomic_write_json(meta_path, {"fingerprint": fingerprint, "source": str(source), "stage": stage.name})
         self.state.teacher_paths[name] = str(out)
 
     def train_student(self, index: int, stage: StageConfig, resume: ckpt.CheckpointState | None,

@@ -8,6 +8,7 @@ Public surface::
     with model.capture(features={"layers.1.output"}, operations={"embeddings": fn}) as feats:
         out = model(input_ids, attention_mask)
     export_hf(model, out_dir, tokenizer_dir=...)
+    tok = Tokenizer.from_dir(checkpoint_dir, max_length=128); batch = tok.encode(texts)
 
 See ``docs/models.md`` for tap names, layouts, TP sharding and operation hooks.
 """
@@ -16,7 +17,6 @@ from gkd.models.checkpoint import (
     DictSource,
     LoadReport,
     SafetensorsDir,
-    atomic_write,
     export_hf,
     from_pretrained,
     hf_state_dict,
@@ -45,7 +45,7 @@ from gkd.models.operations import (
 )
 from gkd.models.sharding import ShardKind, shard_kind
 from gkd.models.taps import LAYER_ROLES, LAYERS_OPERATION, SHARDED_ROLES, CaptureSession, Layout
-from gkd.models.tokenizer import encode_batch, load_tokenizer
+from gkd.models.tokenizer import Tokenizer, TokenizerError
 
 __all__ = [
     "FAMILIES",
@@ -63,20 +63,19 @@ __all__ = [
     "SafetensorsDir",
     "ShardKind",
     "StudentInit",
+    "Tokenizer",
+    "TokenizerError",
     "add_perturbation",
-    "atomic_write",
     "build_model",
     "compose",
     "count_parameters",
     "distilled_student",
-    "encode_batch",
     "export_hf",
     "from_pretrained",
     "hf_state_dict",
     "init_student",
     "load_hf_weights",
     "load_model_config",
-    "load_tokenizer",
     "pretrained_student",
     "random_student",
     "read_hf_config",

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gkd import parallel
+from gkd.atomic import atomic_write
 from gkd.models.config import HeadKind, ModelConfig
 from gkd.models.model import GkdModel, build_model
 from gkd.models.sharding import ShardKind, gather_full, shard_kind
@@ -413,33 +414,6 @@ def hf_state_dict(model: GkdModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through ``write(tmp_path)``, fsync, then rename over ``path``.
-
-    A reader never sees a partial file; on error the temporary file is removed.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
-
-
 def export_hf(
     model: GkdModel,
     out_dir: str | os.PathLike[str],
@@ -480,7 +454,6 @@ __all__ = [
     "LoadReport",
     "SafetensorsDir",
     "TensorSource",
-    "atomic_write",
     "detect_hf_prefix",
     "export_hf",
     "from_pretrained",

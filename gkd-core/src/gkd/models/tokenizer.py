@@ -1,88 +1,150 @@
-"""Tokenizers from ``tokenizer.json`` (the ``tokenizers`` library, no ``transformers``)."""
+"""Tokenizers from a checkpoint's ``tokenizer.json`` (the ``tokenizers`` library; no ``transformers``).
+
+:class:`Tokenizer` replaces the file's built-in truncation and padding (all-MiniLM-L6-v2 ships
+truncation *and* padding to 128) with an explicit ``max_length`` and per-batch padding, and
+finds the special-token ids (pad, cls, sep, mask, bos, eos, unk) that tasks need.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
+import tokenizers
 import torch
-from tokenizers import Tokenizer
 
-Padding = Literal["longest", "keep", "none"]
-
-
-def _pad_token(path: Path, tok: Tokenizer) -> tuple[str, int] | None:
-    """The pad token from tokenizer_config.json / the file's padding section, if any."""
-    pad_token = None
-    config = path / "tokenizer_config.json"
-    if config.is_file():
-        value = json.loads(config.read_text()).get("pad_token")
-        pad_token = value.get("content") if isinstance(value, dict) else value
-    if pad_token is None and tok.padding is not None:
-        pad_token = tok.padding.get("pad_token")
-    if pad_token is None:
-        return None
-    pad_id = tok.token_to_id(pad_token)
-    return None if pad_id is None else (pad_token, pad_id)
+from gkd.plugins.errors import GkdError
 
 
-def load_tokenizer(
-    path: str | os.PathLike[str],
-    *,
-    max_length: int | None = None,
-    padding: Padding = "longest",
-) -> Tokenizer:
-    """Load ``tokenizer.json`` from a checkpoint directory (or the file itself).
+class TokenizerError(GkdError):
+    """A checkpoint directory without a readable ``tokenizer.json``."""
 
-    Truncation stored in the file is kept unless ``max_length`` is given — note that the
-    all-MiniLM-L6-v2 tokenizer ships ``truncation.max_length = 128`` (and fixed padding to 128).
+
+_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>"),
+    "cls": ("[CLS]", "<cls>"),
+    "sep": ("[SEP]", "<sep>"),
+    "mask": ("[MASK]", "<mask>", "<|mask|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>"),
+    "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>"),
+    "unk": ("[UNK]", "<unk>", "<|unk|>"),
+}
+
+
+def _declared_special_tokens(model_dir: Path) -> dict[str, str]:
+    """``{kind: token}`` from ``special_tokens_map.json`` / ``tokenizer_config.json``, when present."""
+    found: dict[str, str] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins
+        try:
+            data = json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for kind in _CANDIDATES:
+            value = data.get(f"{kind}_token") if isinstance(data, dict) else None
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                found[kind] = value
+    return found
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with explicit truncation, our own padding and known special ids.
 
     Args:
-        path: Directory holding ``tokenizer.json``, or the file.
-        max_length: Truncate encodings to this many tokens (overrides the file).
-        padding: ``"longest"`` pads a batch to its longest member with the model's pad
-            token (when it has one); ``"keep"`` keeps the file's padding settings;
-            ``"none"`` disables padding.
+        tokenizer: The fast tokenizer; its built-in truncation and padding are replaced.
+        max_length: Tokens per example after truncation (special tokens included).
+        declared: Special tokens named by the checkpoint (``{"pad": "[PAD]", ...}``), preferred
+            over the built-in list of well-known tokens.
     """
-    p = Path(path)
-    directory, file = (p, p / "tokenizer.json") if p.is_dir() else (p.parent, p)
-    tok = Tokenizer.from_file(str(file))
-    if max_length is not None:
-        tok.enable_truncation(max_length)
-    if padding == "none":
-        tok.no_padding()
-    elif padding == "longest":
-        pad = _pad_token(directory, tok)
-        if pad is None:
-            tok.no_padding()
-        else:
-            tok.enable_padding(pad_id=pad[1], pad_token=pad[0], length=None)
-    elif padding != "keep":
-        raise ValueError(f"padding ({padding!r}) must be 'longest', 'keep' or 'none'")
-    return tok
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int,
+                 declared: Mapping[str, str] | None = None) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.max_length = max_length
+        self._tok = tokenizer
+        # tokenizer.json files ship their own limits (MiniLM: truncate and pad to 128); batches
+        # are padded per batch by us, so padding is off and truncation follows the run config.
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        declared = dict(declared or {})
+        self.special_ids: frozenset[int] = frozenset(
+            i for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special)
+        ids = {kind: self._find(kind, declared.get(kind)) for kind in _CANDIDATES}
+        self.cls_id, self.sep_id, self.mask_id = ids["cls"], ids["sep"], ids["mask"]
+        self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
+        pad = ids["pad"] if ids["pad"] is not None else self.eos_id
+        self.pad_id: int = pad if pad is not None else 0
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, max_length: int) -> Tokenizer:
+        """Load ``<model_dir>/tokenizer.json`` (and the special-token names next to it).
+
+        Raises:
+            TokenizerError: No readable ``tokenizer.json``.
+        """
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for missing or bad files
+            raise TokenizerError(f"{path}: cannot load the tokenizer ({e})") from None
+        return cls(tok, max_length, _declared_special_tokens(model_dir))
+
+    def _find(self, kind: str, declared: str | None) -> int | None:
+        for token in ((declared,) if declared else ()) + _CANDIDATES[kind]:
+            index = self._tok.token_to_id(token)
+            if index is not None:
+                return index
+        return None
+
+    def token_lists(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """``(ids, special_tokens_mask)`` per text, truncated, not padded.
+
+        Tokenising whole documents to keep 128 tokens dominates loading time, so long texts are
+        first cut at a whitespace well past ``max_length`` tokens' worth of characters. The
+        tokens before a whitespace cut do not depend on what follows it, so when the cut text
+        still fills ``max_length`` the result is exactly the full text's; otherwise (very
+        long tokens) the full text is encoded.
+        """
+        budget = self.max_length * _CHARS_PER_TOKEN_BOUND
+        cut = [_cut_at_whitespace(t, budget) for t in texts]
+        out = [(e.ids, e.special_tokens_mask) for e in self._tok.encode_batch(cut)]
+        redo = [i for i, (t, c) in enumerate(zip(texts, cut, strict=True)) if c is not t and len(out[i][0]) < self.max_length]
+        for i, e in zip(redo, self._tok.encode_batch([texts[i] for i in redo]), strict=True):
+            out[i] = (e.ids, e.special_tokens_mask)
+        return out
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Encode and right-pad a batch: ``input_ids`` and ``attention_mask``, ``[b, s]`` int64."""
+        ids = [torch.tensor(i, dtype=torch.long) for i, _ in self.token_lists(texts)]
+        return {"input_ids": pad_rows(ids, self.pad_id), "attention_mask": pad_rows([torch.ones_like(t) for t in ids], 0)}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def encode_batch(
-    tokenizer: Tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]]
-) -> dict[str, torch.Tensor]:
-    """Tokenise a batch into ``input_ids``, ``attention_mask`` and ``token_type_ids`` ``[b, s]``.
-
-    The tokenizer must pad (see :func:`load_tokenizer`) unless all encodings have one length.
-    """
-    encodings = tokenizer.encode_batch(list(texts))
-    lengths = {len(e.ids) for e in encodings}
-    if len(lengths) > 1:
-        raise ValueError(
-            f"encodings have different lengths {sorted(lengths)}; enable padding in the tokenizer"
-        )
-    return {
-        "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
-        "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
-        "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.long),
-    }
+_CHARS_PER_TOKEN_BOUND = 8
+"""Characters kept per wanted token before tokenising (English averages 4–5; a shorter cut is re-encoded in full)."""
 
 
-__all__ = ["encode_batch", "load_tokenizer"]
+def _cut_at_whitespace(text: str, budget: int) -> str:
+    """``text`` itself when short, else its prefix up to the last whitespace before ``budget``."""
+    if len(text) <= budget:
+        return text
+    end = max(text.rfind(" ", 0, budget), text.rfind("\n", 0, budget), text.rfind("\t", 0, budget))
+    return text[:end].rstrip() if end > 0 else text
+
+
+def pad_rows(rows: Sequence[torch.Tensor], value: int | bool) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=rows[0].dtype if rows else torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+__all__ = ["Tokenizer", "TokenizerError", "pad_rows"]
