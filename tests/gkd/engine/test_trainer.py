@@ -174,3 +174,21 @@ def test_causal_lm_plain_stage_and_teacher_assistant_chain(tmp_path, registry, l
     assert (tmp_path / "run" / "teachers" / "ta" / "model.safetensors").is_file()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [set(r["terms"]) for r in records if r["kind"] == "train"] == [{"task"}] * 2 + [{"kd.soft"}] * 2 + [{"kd.soft", "kd.hard"}] * 2
+
+
+def test_changed_config_refuses_to_resume_and_resume_false_starts_over(workspace, registry):
+    run_dir = workspace / "changed"
+    config = write_config(workspace, run_dir)
+    with pytest.raises(TrainingInterrupted):
+        run(config, registry, stop_after=2)
+    changed = write_config(workspace, run_dir, seed=8)
+    from gkd.plugins.errors import GkdError
+
+    with pytest.raises(GkdError, match=r"different config \(changed: seed\)"):
+        run(changed, registry)
+    fresh = write_config(workspace, run_dir, seed=8, checkpoint={"every_steps": 2, "keep_last": 10, "resume": False})
+    summary = run(fresh, registry)
+    assert summary["global_step"] == 6
+    steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert steps == [2, 3, 4, 6]  # every 2 global steps, plus the end of each stage
+    assert json.loads((run_dir / "checkpoints" / "step-00000002" / "config.json").read_text())["seed"] == 8

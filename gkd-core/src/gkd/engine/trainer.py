@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -375,7 +376,7 @@ class Trainer:
                 bar.update(1)
             done = iteration + 1 == total
             stop = self.stop_after is not None and self.state.global_step >= self.stop_after
-            if checkpointed and (done or stop or (every and (iteration + 1) % every == 0)):
+            if checkpointed and (done or stop or (every and self.state.global_step % every == 0)):
                 self._save(stage, model, auxiliary, optimizer, scheduler, iterator, methods)
             if stop and not done:
                 if bar is not None:
@@ -408,11 +409,23 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def _resume_point(self) -> tuple[ckpt.CheckpointState | None, Path | None]:
+        checkpoints = self.run_dir / ckpt.CHECKPOINTS
         if not self.run.checkpoint["resume"]:
+            if checkpoints.exists():  # starting over: older steps must not mix with the new ones
+                self.echo(f"checkpoint.resume is false: removing the old checkpoints in {checkpoints}")
+                shutil.rmtree(checkpoints)
             return None, None
         path = ckpt.find_latest(self.run_dir)
         if path is None:
             return None, None
+        saved = json.loads((path / "config.json").read_text())
+        changed = config_differences(saved, self.run.raw)
+        if changed:
+            raise GkdError(
+                f"{self.run_dir} holds checkpoints of a different config (changed: {', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''}); use another run_dir, or set checkpoint.resume: false "
+                "to start over (fine-tuned teachers are still reused)"
+            )
         state = ckpt.CheckpointState.from_dict(json.loads((path / "state.json").read_text()))
         return state, path
 
@@ -515,6 +528,28 @@ class Trainer:
 def _shape(cfg: ModelConfig) -> ModelShape:
     return ModelShape(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
                       cfg.ffn_hidden_size, cfg.vocab_size, cfg.num_labels if cfg.head == "classification" else None)
+
+
+RESUME_INDEPENDENT = ("logging", "checkpoint", "export")
+"""Config sections that may change between a run and its resumption."""
+
+
+def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """Paths where two configs differ (sections in :data:`RESUME_INDEPENDENT` ignored at the top)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(current)):
+            if not path and key in RESUME_INDEPENDENT:
+                continue
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in saved or key not in current:
+                out.append(sub)
+            else:
+                out += config_differences(saved[key], current[key], sub)
+        return out
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [d for i, (a, b) in enumerate(zip(saved, current, strict=True)) for d in config_differences(a, b, f"{path}[{i}]")]
+    return [] if saved == current else [path]
 
 
 def _jsonable(stage: StageConfig) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Method descriptions (:class:`MethodSpec`) and the helpers shared by method plugins."""
 
-from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind
+from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind, load_schema
 
-__all__ = ["FeatureUse", "MethodKind", "MethodSpec", "StageKind"]
+__all__ = ["FeatureUse", "MethodKind", "MethodSpec", "StageKind", "load_schema"]

@@ -86,3 +86,11 @@ class MethodSpec:
             "config_schema": dict(self.config_schema),
             "notes": self.notes,
         }
+
+
+def load_schema(package: str, name: str = "schema.json") -> dict[str, Any]:
+    """The JSON Schema shipped next to a method module: ``load_schema(__name__)``."""
+    import json
+    from importlib import resources
+
+    return dict(json.loads(resources.files(package).joinpath(name).read_text(encoding="utf-8")))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
+from gkd.methods import load_schema
 from gkd_methods_builtin.kd.method import KD
 
 SPEC = MethodSpec(
@@ -15,7 +13,7 @@ SPEC = MethodSpec(
     kind="single-teacher",
     stages=("pretrain", "task"),
     features=FeatureUse(teacher=("logits",), student=("logits",)),
-    config_schema=json.loads(resources.files(__name__).joinpath("schema.json").read_text()),
+    config_schema=load_schema(__name__),
     factory=KD,
     notes="With hard_weight=0 and temperature=1 this is the task stage of PD (pre-trained distillation). "
           "Padding positions are excluded from token-level means (the reference divided by all positions).",

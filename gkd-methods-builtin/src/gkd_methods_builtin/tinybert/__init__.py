@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
+from gkd.methods import load_schema
 from gkd_methods_builtin.tinybert.method import TinyBERT
 
 SPEC = MethodSpec(
@@ -19,7 +17,7 @@ SPEC = MethodSpec(
         student=("embeddings", "layers.{i}.output", "layers.{i}.attention.scores", "logits"),
     ),
     has_parameters=True,
-    config_schema=json.loads(resources.files(__name__).joinpath("schema.json").read_text()),
+    config_schema=load_schema(__name__),
     factory=TinyBERT,
     notes="Run general distillation (prediction: false) then a task step with hidden/attention/embeddings false and "
           "prediction: true, as two stages. Fixes vs. the reference: W_h is applied inside TinyBERT's loss only, so "

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
+from gkd.methods import load_schema
 from gkd_methods_multiteacher.tmkd.method import TMKD
 
 SPEC = MethodSpec(
@@ -16,7 +14,7 @@ SPEC = MethodSpec(
     kind="multi-teacher",
     stages=("pretrain", "task"),
     features=FeatureUse(teacher=("logits",), student=("logits",)),
-    config_schema=json.loads(resources.files(__name__).joinpath("schema.json").read_text()),
+    config_schema=load_schema(__name__),
     factory=TMKD,
     notes="As in the GKD reference, the original multi-header student is not built; the hard loss is added once.",
 )
