@@ -192,3 +192,16 @@ def test_changed_config_refuses_to_resume_and_resume_false_starts_over(workspace
     steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
     assert steps == [2, 3, 4, 6]  # every 2 global steps, plus the end of each stage
     assert json.loads((run_dir / "checkpoints" / "step-00000002" / "config.json").read_text())["seed"] == 8
+
+
+def test_zero_stage_1_trains_checkpoints_and_resumes(workspace, registry):
+    run_dir = workspace / "zero1"
+    config = write_config(workspace, run_dir, parallel={"zero": {"stage": 1}})
+    with pytest.raises(TrainingInterrupted):
+        run(config, registry, stop_after=2)
+    messages: list[str] = []
+    summary = Trainer(load_run_config(config, registry=registry), registry, progress=False,
+                      echo=messages.append).execute()
+    assert summary["global_step"] == 6
+    assert any("Adam moments restart at step 2" in m for m in messages)
+    assert not (find_latest(run_dir) / "optimizer.safetensors").exists()

@@ -109,6 +109,8 @@ class RunConfig:
     checkpoint: dict[str, Any]
     logging: dict[str, Any]
     export: dict[str, Any]
+    train_data: DatasetConfig
+    """``data.train``: the default training split of every stage, and the source of the label set."""
     test_data: DatasetConfig | None
     source: Path | None
     raw: dict[str, Any]

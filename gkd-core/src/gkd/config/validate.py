@@ -351,6 +351,7 @@ def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: Meth
         checkpoint=raw["checkpoint"],
         logging=raw["logging"],
         export=raw["export"],
+        train_data=_dataset(raw["data"]["train"], base),  # type: ignore[arg-type]
         test_data=_dataset(raw["data"].get("test"), base),
         source=source,
         raw=raw,

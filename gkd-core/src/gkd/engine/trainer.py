@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,12 +179,10 @@ class Trainer:
             self._datasets[key] = data
         return self._datasets[key]
 
-    def _num_labels(self) -> int | None:
-        if self.task != "sequence_classification":
-            return None
-        self.dataset(self.run.stages[0].train_data)  # builds the label vocabulary from the training split
-        assert self._labels is not None
-        return len(self._labels.labels)
+    def _build_label_vocabulary(self) -> None:
+        """Classification labels come from the run's main training split (``data.train``)."""
+        if self.task == "sequence_classification":
+            self.dataset(self.run.train_data)
 
     def _model_config(self, path: Path, **overrides: Any) -> ModelConfig:
         head = HEAD_FOR_TASK[self.task]
@@ -338,7 +336,11 @@ class Trainer:
         checkpointed = stage.trains_teacher is None
         start = 0
         if resume is not None and resume_path is not None:
-            ckpt.load_checkpoint(resume_path, model=model, auxiliary=auxiliary, optimizer=optimizer,
+            saved = bool(resume.extra.get("optimizer_saved", True))
+            if not saved:
+                self.echo(f"[{stage.name}] the checkpoint holds no optimizer state (ZeRO stage "
+                          f"{self.run.parallel.zero.stage}): Adam moments restart at step {resume.stage_iteration}")
+            ckpt.load_checkpoint(resume_path, model=model, auxiliary=auxiliary, optimizer=optimizer if saved else None,
                                  scheduler=scheduler, restore_rng=True)
             _restore_megatron_rng(resume.extra.get("megatron_rng", {}))
             iterator.load_state_dict(resume.data_position)
@@ -401,10 +403,18 @@ class Trainer:
             method_states={n: s.state for n, s in methods.items()},
             teachers=ckpt.teacher_references(refs),
             extra={"teacher_paths": self.state.teacher_paths, "megatron_rng": _megatron_rng_states(),
-                   "labels": self._labels.labels if self._labels else None},
+                   "labels": self._labels.labels if self._labels else None,
+                   "optimizer_saved": self._optimizer_checkpointed},
         )
-        ckpt.save_checkpoint(self.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
+        ckpt.save_checkpoint(self.run_dir, state, model=model, auxiliary=auxiliary,
+                             optimizer=optimizer if self._optimizer_checkpointed else None,
                              scheduler=scheduler, config=self.run.raw, keep_last=int(self.run.checkpoint["keep_last"]))
+
+    @property
+    def _optimizer_checkpointed(self) -> bool:
+        # With ZeRO 0 the torch optimizer holds the whole state; ZeRO 1-3 partition it inside
+        # DeepSpeed objects that gkd does not serialise yet (DeepSpeed's own format pickles).
+        return self.run.parallel.zero.stage == 0
 
     # ------------------------------------------------------------------ the run
 
@@ -442,7 +452,7 @@ class Trainer:
             self.state.global_step = resume.global_step
             self.echo(f"resuming from {resume_path} (global step {resume.global_step})")
         self.metrics = MetricsLogger(self.run_dir, resume_global_step=resume.global_step if resume else None)
-        self._num_labels()
+        self._build_label_vocabulary()
         if self._labels is not None:
             self._labels.save(self.run_dir / "labels.json")
         started = time.perf_counter()
@@ -601,4 +611,4 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return text
 
 
-__all__ = ["Evaluation", "Trainer", "TrainingInterrupted", "format_table", "replace"]
+__all__ = ["Evaluation", "Trainer", "TrainingInterrupted", "format_table"]
