@@ -205,3 +205,21 @@ def test_zero_stage_1_trains_checkpoints_and_resumes(workspace, registry):
     assert summary["global_step"] == 6
     assert any("Adam moments restart at step 2" in m for m in messages)
     assert not (find_latest(run_dir) / "optimizer.safetensors").exists()
+
+
+def test_teacher_without_task_head_serves_features_and_kd_says_why_not(workspace, registry, minilm_dir):
+    cfg = ModelConfig(family="encoder", vocab_size=30522, hidden_size=32, num_layers=4, num_attention_heads=4,
+                      ffn_hidden_size=64, max_position_embeddings=64, head="none")
+    export_hf(build_model(cfg, seed=4), workspace / "headless", tokenizer_dir=minilm_dir)
+    stages = [{"name": "tinybert", "steps": 2, "methods": [{"name": "tinybert"}]}]
+    config = write_config(workspace, workspace / "headless-run", stages=stages,
+                          teachers=[{"name": "t", "path": "headless"}])
+    summary = run(config, registry)
+    rows = {r["model"]: r for r in summary["models"]}
+    assert "accuracy" in rows["student"] and "error" in rows["teacher:t"]  # the teacher has no classifier
+    stages.append({"name": "kd", "steps": 1, "methods": [{"name": "kd"}]})
+    config = write_config(workspace, workspace / "headless-kd", stages=stages, teachers=[{"name": "t", "path": "headless"}])
+    from gkd.plugins.errors import GkdError
+
+    with pytest.raises(GkdError, match="teacher 't' has no task head"):
+        run(config, registry)

@@ -127,7 +127,8 @@ class ModelOutputs:
     """One model's results of one pass, restricted to what the method requested."""
 
     features: Mapping[str, torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+    """``None`` for a model without a task head (a pre-trained teacher used for its features)."""
     task_loss: torch.Tensor | None = None
     """Mean task (hard) loss of this model on the batch, when labels exist."""
     task_loss_per_example: torch.Tensor | None = None

@@ -74,7 +74,8 @@ def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping
             raise KeyError(f"a method asked for model '{key}', but this stage only has {sorted(models)}")
         grad = key == STUDENT or req.grad or teacher_grad
         out, feats = _run_model(models[key], batch, req.features, req.composed_operations(), grad)
-        per_example = task_loss_per_example(out.logits, labels) if labels is not None else None
+        has_head = out.logits is not None
+        per_example = task_loss_per_example(out.logits, labels) if labels is not None and has_head else None
         results[key] = ModelOutputs(feats, out.logits, per_example.mean() if per_example is not None else None,
                                     per_example)
     return results

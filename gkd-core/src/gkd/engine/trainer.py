@@ -192,13 +192,19 @@ class Trainer:
             extra |= {"num_labels": len(self._labels.labels), "id2label": dict(enumerate(self._labels.labels))}
         return load_model_config(path, head=head, **(extra | overrides))
 
+    def _teacher_config(self, path: Path) -> ModelConfig:
+        """The task's head when the checkpoint has it; otherwise the checkpoint's own head (a
+        pre-trained teacher without a task head still serves feature-based methods)."""
+        own = load_model_config(path)
+        return self._model_config(path) if own.head == HEAD_FOR_TASK[self.task] else own
+
     def teacher(self, name: str) -> GkdModel:
         """A frozen teacher in eval mode (loaded once per checkpoint directory)."""
         path = Path(self.state.teacher_paths[name])
         cached = self._teachers.get(name)
         if cached is not None and getattr(cached, "_gkd_path", None) == str(path):
             return cached
-        model = from_pretrained(path, self._model_config(path), strict=True, device="cpu")
+        model = from_pretrained(path, self._teacher_config(path), strict=True, device="cpu")
         model.eval()
         model.requires_grad_(False)
         model._gkd_path = str(path)  # type: ignore[attr-defined]
@@ -206,7 +212,7 @@ class Trainer:
         return model
 
     def teacher_shape(self, name: str) -> ModelShape:
-        return _shape(self._model_config(Path(self.state.teacher_paths[name])))
+        return _shape(self._teacher_config(Path(self.state.teacher_paths[name])))
 
     def build_student(self, init: StudentInit) -> GkdModel:
         arch = self.run.student_architecture

@@ -8,6 +8,7 @@ import torch
 
 from gkd.engine.method import STUDENT, ForwardRequest, Method, PassOutputs, PassPlan, StepContext, teacher_key
 from gkd.methods import losses
+from gkd.plugins.errors import GkdError
 
 
 def soft_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -18,6 +19,15 @@ def soft_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Ten
     if kind == "ce":
         return losses.soft_cross_entropy(student_logits, teacher_logits, temperature, mask)
     return losses.mse(student_logits, teacher_logits, mask)
+
+
+def teacher_logits(outputs: PassOutputs, teacher: str, method: str) -> torch.Tensor:
+    """A teacher's logits, or a clear error when the teacher has no task head."""
+    logits = outputs.teacher(teacher).logits
+    if logits is None:
+        raise GkdError(f"{method}: teacher '{teacher}' has no task head, so it gives no logits; fine-tune it first "
+                       f"(a stage with 'train: teacher:{teacher}') or use a feature-based method")
+    return logits
 
 
 def logits_mask(outputs: PassOutputs) -> torch.Tensor | None:
@@ -38,7 +48,7 @@ class KD(Method):
         cfg = self.config
         terms: dict[str, torch.Tensor] = {}
         if cfg["soft_weight"] > 0:
-            t_logits = outputs.teacher(self.context.teacher_names[0]).logits
+            t_logits = teacher_logits(outputs, self.context.teacher_names[0], self.name)
             terms["soft"] = cfg["soft_weight"] * soft_loss(cfg["soft_loss"], outputs.student.logits, t_logits,
                                                            cfg["temperature"], logits_mask(outputs))
         if cfg["hard_weight"] > 0 and outputs.student.task_loss is not None:

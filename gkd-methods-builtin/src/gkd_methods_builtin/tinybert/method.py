@@ -22,6 +22,7 @@ from gkd.methods import losses
 from gkd.methods.layers import hidden_tap, random_map, uniform_map
 from gkd.parallel import all_reduce_mean_over_tp
 from gkd.plugins.errors import GkdError
+from gkd_methods_builtin.kd.method import teacher_logits
 
 
 def attention_valid_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -122,5 +123,5 @@ class TinyBERT(Method):
         if cfg["prediction"]:
             lmask = mask if s_out.logits.dim() == 3 else None
             terms["prediction"] = cfg["prediction_weight"] * losses.soft_cross_entropy(
-                s_out.logits, t_out.logits, cfg["temperature"], lmask)
+                s_out.logits, teacher_logits(outputs, self._teacher, self.name), cfg["temperature"], lmask)
         return terms

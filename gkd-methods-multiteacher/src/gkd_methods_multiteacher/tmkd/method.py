@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from gkd.engine.method import STUDENT, ForwardRequest, Method, PassOutputs, PassPlan, StepContext, teacher_key
-from gkd_methods_builtin.kd.method import logits_mask, soft_loss
+from gkd_methods_builtin.kd.method import logits_mask, soft_loss, teacher_logits
 
 
 class TMKD(Method):
@@ -24,7 +24,7 @@ class TMKD(Method):
         cfg = self.config
         mask = logits_mask(outputs)
         per_teacher = torch.stack([
-            soft_loss(cfg["soft_loss"], outputs.student.logits, outputs.teacher(t).logits, cfg["temperature"], mask)
+            soft_loss(cfg["soft_loss"], outputs.student.logits, teacher_logits(outputs, t, self.name), cfg["temperature"], mask)
             for t in self.context.teacher_names
         ])
         combined = per_teacher.mean() if cfg["reduction"] == "mean" else per_teacher.sum()
