@@ -129,3 +129,12 @@ def test_yaml_syntax_error_names_the_line(tmp_path, registry):
     path.write_text("task:\n  type: [unclosed\n")
     with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
         load_run_config(path, registry=registry)
+
+
+def test_unsupported_checkpoint_family(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    write_checkpoint(tmp_path / "gpt2", model_type="gpt2")
+    cfg["teachers"][1]["path"] = "gpt2"
+    found = messages(tmp_path, cfg, registry)
+    assert any(m.startswith("teachers[1].path: model_type 'gpt2' in ") and m.endswith("is not supported (gkd reads bert, llama)")
+               for m in found), found

@@ -32,8 +32,10 @@ from gkd.config.schema import apply_defaults, closest, run_schema, schema_issues
 from gkd.plugins.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
 
-ENCODER_TYPES = {"bert", "roberta", "distilbert", "electra"}
-DECODER_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
+ENCODER_TYPES = {"bert"}
+DECODER_TYPES = {"llama"}
+"""The Hugging Face ``model_type`` values :mod:`gkd.models` reads (kept here so that validation
+does not import megatron-core)."""
 
 
 def _shape_from_hf(config_json: dict[str, Any]) -> dict[str, Any]:
@@ -83,10 +85,15 @@ class _Checker:
             self.add(where, f"{p} has no config.json (expected a Hugging Face checkpoint directory)")
             return None
         try:
-            return _shape_from_hf(json.loads(cfg.read_text()))
+            shape = _shape_from_hf(json.loads(cfg.read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             self.add(where, f"cannot read {cfg}: {exc}")
             return None
+        if shape["model_type"] not in ENCODER_TYPES | DECODER_TYPES:
+            self.add(where, f"model_type '{shape['model_type']}' in {cfg} is not supported "
+                            f"(gkd reads {', '.join(sorted(ENCODER_TYPES | DECODER_TYPES))})")
+            return None
+        return shape
 
     # ------------------------------------------------------------------ sections
 

@@ -354,7 +354,7 @@ class Trainer:
                 sel.state = dict(resume.method_states.get(name, sel.state))
             start = resume.stage_iteration
         model.train()
-        bar = _progress(self.progress, total, start, f"[{index + 1}/{len(self.run.stages)}] {stage.name}")
+        bar = _progress(self.progress and parallel.is_global_rank_zero(), total, start, f"[{index + 1}/{len(self.run.stages)}] {stage.name}")
         every = int(self.run.checkpoint["every_steps"])
         accum = int(training["grad_accum"])
         for iteration in range(start, total):
@@ -376,8 +376,8 @@ class Trainer:
             self.state.global_step += 1
             self.state.stage_iteration = iteration + 1
             lr = float(optimizer.param_groups[0]["lr"])
-            assert self.metrics is not None
-            self.metrics.log_train(stage=stage.name, step=iteration + 1, global_step=self.state.global_step,
+            if self.metrics is not None:
+                self.metrics.log_train(stage=stage.name, step=iteration + 1, global_step=self.state.global_step,
                                    loss=loss_value, terms=sums, lr=lr)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
@@ -394,8 +394,8 @@ class Trainer:
             bar.close()
         if stage.eval_data is not None:
             ev = self.evaluate(model, stage.eval_data, int(training["eval_batch_size"]))
-            assert self.metrics is not None
-            self.metrics.log_eval(stage=stage.name, step=total, global_step=self.state.global_step,
+            if self.metrics is not None:
+                self.metrics.log_eval(stage=stage.name, step=total, global_step=self.state.global_step,
                                   metrics={ev.metric: ev.value, "loss": ev.loss})
             self.echo(f"[{stage.name}] eval {ev.metric}: {ev.value:.4f}")
         del engine
@@ -457,7 +457,9 @@ class Trainer:
             self.state.teacher_paths.update(saved_paths)
             self.state.global_step = resume.global_step
             self.echo(f"resuming from {resume_path} (global step {resume.global_step})")
-        self.metrics = MetricsLogger(self.run_dir, resume_global_step=resume.global_step if resume else None)
+        # One writer: every rank computes the same metrics, global rank 0 records them.
+        self.metrics = (MetricsLogger(self.run_dir, resume_global_step=resume.global_step if resume else None)
+                        if parallel.is_global_rank_zero() else None)
         self._build_label_vocabulary()
         if self._labels is not None:
             self._labels.save(self.run_dir / "labels.json")
@@ -528,13 +530,13 @@ class Trainer:
             export_hf(self.student, export_dir, tokenizer_dir=self._tokenizer_dir())
             if self._labels is not None:
                 self._labels.save(export_dir / "labels.json")
-        plot = plot_losses(self.run_dir) if run.logging["plot"] else None
+        plot = plot_losses(self.run_dir) if run.logging["plot"] and self.metrics is not None else None
         out |= {"name": run.name, "run_dir": str(self.run_dir), "global_step": self.state.global_step,
                 "seconds": round(seconds, 1), "models": rows,
                 "export": str(export_dir) if export_dir else None, "plot": str(plot) if plot else None,
                 "teachers": self.state.teacher_paths}
-        assert self.metrics is not None
-        self.metrics.write_summary(out)
+        if self.metrics is not None:
+            self.metrics.write_summary(out)
         return out
 
 
