@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gkd import parallel
+from gkd.engine.build import model_shape
 from gkd.engine.method import STUDENT, MethodContext, teacher_key
 from gkd.engine.step import SelectedMethod, distill_step, step_context
 from gkd.models import ModelConfig, build_model, export_hf, from_pretrained, shard_kind
@@ -21,18 +22,11 @@ pytestmark = pytest.mark.distributed
 TOL = 1e-5
 
 
-def _shape(cfg: ModelConfig):
-    from gkd.engine.method import ModelShape
-
-    return ModelShape(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
-                      cfg.ffn_hidden_size, cfg.vocab_size, cfg.num_labels)
-
-
 def _step(teacher_dir: str, student_dir: str) -> dict[str, Any]:
     teacher = from_pretrained(teacher_dir).eval().requires_grad_(False)
     student = from_pretrained(student_dir).train()
     registry = load_plugin_manager().registry
-    ctx = MethodContext(_shape(student.model_config), {"t": _shape(teacher.model_config)},
+    ctx = MethodContext(model_shape(student.model_config), {"t": model_shape(teacher.model_config)},
                         "sequence_classification", "task", parallel.tp_world_size())
     methods = {}
     for name, config in (("tinybert", {"prediction": True}), ("kd", {"temperature": 2.0})):

@@ -4,12 +4,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from gkd.config.run import RunConfig, StageConfig
 from gkd.engine.method import MethodContext, ModelShape
 from gkd.engine.step import SelectedMethod
 from gkd.plugins.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
+
+if TYPE_CHECKING:
+    from gkd.models import ModelConfig
+
+
+def model_shape(cfg: ModelConfig) -> ModelShape:
+    """What methods may know of a built model (see :class:`ModelShape`)."""
+    labels = cfg.num_labels if cfg.head == "classification" else None
+    return ModelShape(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
+                      cfg.ffn_hidden_size, cfg.vocab_size, labels)
 
 
 def build_methods(run: RunConfig, stage: StageConfig, registry: MethodRegistry, student: ModelShape,

@@ -32,7 +32,7 @@ from gkd import parallel
 from gkd.atomic import atomic_write_json
 from gkd.config.run import RunConfig, StageConfig, StudentInit
 from gkd.engine import checkpoint as ckpt
-from gkd.engine.build import build_methods
+from gkd.engine.build import build_methods, model_shape
 from gkd.engine.data import BatchIterator, LabelVocab, TaskDataset, Tokenizer, build_dataset, make_batches
 from gkd.engine.method import STUDENT, ModelShape, teacher_key
 from gkd.engine.metrics import MetricsLogger, plot_losses
@@ -212,7 +212,7 @@ class Trainer:
         return model
 
     def teacher_shape(self, name: str) -> ModelShape:
-        return _shape(self._teacher_config(Path(self.state.teacher_paths[name])))
+        return model_shape(self._teacher_config(Path(self.state.teacher_paths[name])))
 
     def build_student(self, init: StudentInit) -> GkdModel:
         arch = self.run.student_architecture
@@ -308,13 +308,17 @@ class Trainer:
         student = self.student
         teacher_names = list(stage.teachers) if stage.methods else []
         shapes = {t: self.teacher_shape(t) for t in teacher_names}
-        methods = build_methods(self.run, stage, self.registry, _shape(student.model_config), shapes)
+        methods = build_methods(self.run, stage, self.registry, model_shape(student.model_config), shapes)
         models: dict[str, nn.Module] = {STUDENT: student}
         for t in {t for entry in stage.methods for t in entry.teachers}:
             models[teacher_key(t)] = self.teacher(t)
         for sel in methods.values():
             sel.method.setup(models)
         self._train(index, stage, student, methods, models=models, resume=resume, resume_path=resume_path)
+        self._publish(stage, student)
+
+    def _publish(self, stage: StageConfig, student: GkdModel) -> None:
+        """``publish_as_teacher``: export the student and make it a teacher for later stages."""
         if stage.publish_as_teacher:
             out = self.run_dir / "teachers" / stage.publish_as_teacher
             export_hf(student, out, tokenizer_dir=self._tokenizer_dir())
@@ -493,10 +497,7 @@ class Trainer:
         if self.student is None or stage.student_init is not None:
             self.student = self.build_student(stage.student_init or self.run.student_init)
         ckpt.load_checkpoint(path, model=self.student, restore_rng=True, strict=True)
-        if stage.publish_as_teacher:
-            out = self.run_dir / "teachers" / stage.publish_as_teacher
-            export_hf(self.student, out, tokenizer_dir=self._tokenizer_dir())
-            self.state.teacher_paths[stage.publish_as_teacher] = str(out)
+        self._publish(stage, self.student)
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Evaluate teachers and student on the test split, export, plot and summarise."""
@@ -541,11 +542,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _shape(cfg: ModelConfig) -> ModelShape:
-    return ModelShape(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
-                      cfg.ffn_hidden_size, cfg.vocab_size, cfg.num_labels if cfg.head == "classification" else None)
 
 
 RESUME_INDEPENDENT = ("logging", "checkpoint", "export")
