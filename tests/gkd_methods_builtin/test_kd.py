@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.engine.method import ModelOutputs
+from gkd.methods.api import ModelView
 from gkd.testing import build_method, outputs, step
 
 
@@ -26,7 +26,7 @@ def test_kd_loss_matches_formula(soft):
     z, zt = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     hard = torch.tensor(0.7)
     kd = build_method("kd", {"temperature": 4.0, "soft_loss": soft, "soft_weight": 0.5, "hard_weight": 0.25})
-    terms = kd.loss(step(), {}, 0, outputs(_batch(), ModelOutputs({}, z, hard), {"t": ModelOutputs({}, zt)}))
+    terms = kd.loss(step(), {}, 0, outputs(_batch(), ModelView({}, z, hard), {"t": ModelView({}, zt)}))
     tau = 4.0
     p = torch.softmax(zt / tau, -1)
     if soft == "kl":
@@ -45,7 +45,7 @@ def test_kd_token_logits_skip_padding():
     z, zt = torch.randn(b, s, v, generator=g), torch.randn(b, s, v, generator=g)
     batch = _batch(b, s)
     kd = build_method("kd", {"hard_weight": 0.0}, task="causal_lm")
-    terms = kd.loss(step(), {}, 0, outputs(batch, ModelOutputs({}, z), {"t": ModelOutputs({}, zt)}))
+    terms = kd.loss(step(), {}, 0, outputs(batch, ModelView({}, z), {"t": ModelView({}, zt)}))
     p = torch.softmax(zt, -1)
     per_pos = (p * (p.log() - torch.log_softmax(z, -1))).sum(-1)
     keep = batch["attention_mask"].bool()

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.engine.method import ModelOutputs
-from gkd.plugins.errors import GkdError
+from gkd.methods.api import ModelView
+from gkd.errors import GkdError
 from gkd.testing import build_method, outputs, shape, step
 
 S, T, HS, HT, HEADS, B, L = 2, 4, 16, 32, 4, 3, 5
@@ -48,7 +48,7 @@ def test_loss_matches_formula():
     z, zt = torch.randn(B, 3, generator=g), torch.randn(B, 3, generator=g)
     tb = _method(prediction=True, temperature=2.0, hidden_weight=0.5)
     state = tb.initial_state()
-    terms = tb.loss(step(), state, 0, outputs({"attention_mask": mask}, ModelOutputs(sf, z), {"t": ModelOutputs(tf, zt)}))
+    terms = tb.loss(step(), state, 0, outputs({"attention_mask": mask}, ModelView(sf, z), {"t": ModelView(tf, zt)}))
 
     keep = mask.bool()
     W, bias = tb.proj.weight, tb.proj.bias

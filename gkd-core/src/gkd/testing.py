@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from gkd.config.schema import apply_defaults
-from gkd.engine.method import (
+from gkd.methods.api import (
     STUDENT,
     Method,
     MethodContext,
-    ModelOutputs,
+    ModelView,
     ModelShape,
-    PassOutputs,
+    PassView,
     StepContext,
     teacher_key,
 )
@@ -41,6 +41,6 @@ def step(iteration: int = 0, total: int = 10, seed: int = 0) -> StepContext:
     return StepContext("test", 0, 0, iteration, total, torch.Generator().manual_seed(seed))
 
 
-def outputs(batch: Mapping[str, torch.Tensor], student: ModelOutputs, teachers: Mapping[str, ModelOutputs]) -> PassOutputs:
+def outputs(batch: Mapping[str, torch.Tensor], student: ModelView, teachers: Mapping[str, ModelView]) -> PassView:
     models = {STUDENT: student} | {teacher_key(k): v for k, v in teachers.items()}
-    return PassOutputs(batch=dict(batch), models=models)
+    return PassView(batch=dict(batch), models=models)

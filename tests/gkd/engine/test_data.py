@@ -26,7 +26,7 @@ from gkd.engine.data import (
     reuters_r8,
 )
 from gkd.models.tokenizer import TokenizerError
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 
 
 def ds(path: Path, fmt: str = "auto", limit: int | None = None, text: str = "text", label: str = "label") -> DatasetConfig:

@@ -182,7 +182,7 @@ def test_changed_config_refuses_to_resume_and_resume_false_starts_over(workspace
     with pytest.raises(TrainingInterrupted):
         run(config, registry, stop_after=2)
     changed = write_config(workspace, run_dir, seed=8)
-    from gkd.plugins.errors import GkdError
+    from gkd.errors import GkdError
 
     with pytest.raises(GkdError, match=r"different config \(changed: seed\)"):
         run(changed, registry)
@@ -219,7 +219,7 @@ def test_teacher_without_task_head_serves_features_and_kd_says_why_not(workspace
     assert "accuracy" in rows["student"] and "error" in rows["teacher:t"]  # the teacher has no classifier
     stages.append({"name": "kd", "steps": 1, "methods": [{"name": "kd"}]})
     config = write_config(workspace, workspace / "headless-kd", stages=stages, teachers=[{"name": "t", "path": "headless"}])
-    from gkd.plugins.errors import GkdError
+    from gkd.errors import GkdError
 
     with pytest.raises(GkdError, match="teacher 't' has no task head"):
         run(config, registry)

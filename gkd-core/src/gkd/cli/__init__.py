@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from gkd import __version__
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 
 EXIT_BAD_INPUT = 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from gkd.config.run import (
     ZeroConfig,
 )
 from gkd.config.schema import apply_defaults, closest, run_schema, schema_issues
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
 
 ENCODER_TYPES = {"bert"}

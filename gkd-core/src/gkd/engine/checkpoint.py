@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gkd.atomic import atomic_write, atomic_write_bytes, fsync_dir
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

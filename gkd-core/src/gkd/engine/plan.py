@@ -7,11 +7,11 @@ same model are composed in method order (the order of the stage's ``methods`` li
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from gkd.engine.method import STUDENT, Operation, PassPlan
+from gkd.methods.api import STUDENT, PassPlan
+from gkd.models.operations import compose
+from gkd.models.taps import Operation
 
 
 @dataclass
@@ -25,20 +25,7 @@ class ModelRequest:
 
     def composed_operations(self) -> dict[str, Operation]:
         """One callable per point: each method's operation applied to the previous one's result."""
-        return {point: _compose(ops) for point, ops in self.operations.items()}
-
-
-def _compose(ops: list[tuple[str, Operation]]) -> Operation:
-    if len(ops) == 1:
-        return ops[0][1]
-    fns: list[Callable[..., Any]] = [fn for _, fn in ops]
-
-    def composed(value: Any) -> Any:
-        for fn in fns:
-            value = fn(value)
-        return value
-
-    return composed
+        return {point: compose(*(fn for _, fn in ops)) for point, ops in self.operations.items()}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 One call runs all forward passes the selected methods ask for on one micro-batch and returns
 the weighted total loss plus every term, named ``<method>.<term>``. See
-:mod:`gkd.engine.method` for the protocol seen from a method.
+:mod:`gkd.methods.api` for the protocol seen from a method.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gkd.engine.data import seeded_generator
-from gkd.engine.method import STUDENT, Method, ModelOutputs, PassOutputs, PassPlan, StepContext
+from gkd.methods.api import STUDENT, Method, ModelView, PassView, PassPlan, StepContext
 from gkd.engine.plan import MergedPass, merge_plans
 from gkd.methods.losses import task_loss_per_example
 
@@ -64,11 +64,11 @@ def _run_model(model: nn.Module, batch: Mapping[str, torch.Tensor], features: se
 
 
 def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping[str, torch.Tensor],
-             *, teacher_grad: bool = False) -> dict[str, ModelOutputs]:
+             *, teacher_grad: bool = False) -> dict[str, ModelView]:
     """Run every model the merged plan needs; the student with autograd, teachers without
     (unless a method asked for gradients through one)."""
     labels = batch.get("labels")
-    results: dict[str, ModelOutputs] = {}
+    results: dict[str, ModelView] = {}
     for key, req in merged.requests.items():
         if key not in models:
             raise KeyError(f"a method asked for model '{key}', but this stage only has {sorted(models)}")
@@ -76,19 +76,19 @@ def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping
         out, feats = _run_model(models[key], batch, req.features, req.composed_operations(), grad)
         has_head = out.logits is not None
         per_example = task_loss_per_example(out.logits, labels) if labels is not None and has_head else None
-        results[key] = ModelOutputs(feats, out.logits, per_example.mean() if per_example is not None else None,
+        results[key] = ModelView(feats, out.logits, per_example.mean() if per_example is not None else None,
                                     per_example)
     return results
 
 
-def _view(plan: PassPlan, results: Mapping[str, ModelOutputs], batch: Mapping[str, torch.Tensor]) -> PassOutputs:
+def _view(plan: PassPlan, results: Mapping[str, ModelView], batch: Mapping[str, torch.Tensor]) -> PassView:
     """A method's own view: only the models and features it requested."""
     models = {}
     for key, req in plan.models.items():
         full = results[key]
-        models[key] = ModelOutputs({n: full.features[n] for n in req.features}, full.logits, full.task_loss,
+        models[key] = ModelView({n: full.features[n] for n in req.features}, full.logits, full.task_loss,
                                    full.task_loss_per_example)
-    return PassOutputs(batch=batch, models=models)
+    return PassView(batch=batch, models=models)
 
 
 def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, SelectedMethod],
@@ -102,7 +102,7 @@ def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, Selected
 
     terms: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
-    previous: dict[str, PassOutputs | None] = dict.fromkeys(methods)
+    previous: dict[str, PassView | None] = dict.fromkeys(methods)
     active = list(methods)
     for pass_index in range(MAX_PASSES):
         plans: dict[str, PassPlan] = {}

@@ -1,5 +1,117 @@
-"""Method descriptions (:class:`MethodSpec`) and the helpers shared by method plugins."""
+"""The public API for method authors: everything a distillation method needs, in one module.
 
-from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind, load_schema
+::
 
-__all__ = ["FeatureUse", "MethodKind", "MethodSpec", "StageKind", "load_schema"]
+    from gkd.methods import (Method, MethodSpec, FeatureUse, PassPlan, ForwardRequest, STUDENT,
+                             teacher_key, losses, uniform_map, hidden_tap, GkdError, hookimpl)
+
+Groups (each name is documented where it is defined):
+
+* describing a method — :class:`MethodSpec`, :class:`FeatureUse`, :func:`load_schema`,
+  :data:`hookimpl`, :class:`MethodRegistrar` (``gkd.methods.spec``);
+* what runs every step — :class:`Method`, :class:`MethodContext`, :class:`StepContext`,
+  :class:`ModelShape`, :class:`PassPlan`, :class:`ForwardRequest`, :class:`PassView`,
+  :class:`ModelView`, :data:`STUDENT`, :func:`teacher_key` (``gkd.methods.api``);
+* operations on the forward pass — :data:`Operation`, :func:`replace_with`,
+  :func:`add_perturbation`, :func:`write_positions`, :func:`write_span`, :func:`swap_layers`,
+  :func:`compose`, :data:`LAYERS_OPERATION` (``gkd.models.operations``);
+* loss primitives — the module :mod:`gkd.methods.losses` and its functions;
+* layer maps — :func:`uniform_map`, :func:`stride_map`, :func:`random_map`, :func:`hidden_tap`;
+* tensor-parallel collectives for losses over sharded features — :func:`gather_heads`,
+  :func:`gather_last_dim`, :func:`all_reduce_mean_over_tp`, … (``gkd.parallel.comm``);
+* :class:`GkdError` — raise it for a problem the user can fix (one line, exit code 2).
+
+Names resolve on first use, so importing this module (as ``gkd methods list`` does for every
+plugin) loads neither torch nor megatron-core.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gkd._lazy import lazy_exports
+
+_SPEC = ("FeatureUse", "MethodKind", "MethodSpec", "StageKind", "load_schema")
+_API = ("STUDENT", "ForwardRequest", "Method", "MethodContext", "ModelShape", "ModelView", "PassPlan", "PassView",
+        "StepContext", "teacher_key")
+_OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "write_positions", "write_span")
+_LOSSES = ("cosine_distance", "kl_between_distributions", "kl_divergence", "mse", "soft_cross_entropy",
+           "task_loss_per_example")
+_LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
+_COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
+         "shard_along_dim")
+_STATE = ("tp_rank", "tp_world_size")
+
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(_SPEC, "gkd.methods.spec"),
+    **dict.fromkeys(_API, "gkd.methods.api"),
+    **dict.fromkeys(_OPERATIONS, "gkd.models.operations"),
+    "Operation": "gkd.models.taps",
+    "LAYERS_OPERATION": "gkd.models.taps",
+    **dict.fromkeys(_LOSSES, "gkd.methods.losses"),
+    **dict.fromkeys(_LAYERS, "gkd.methods.layers"),
+    **dict.fromkeys(_COMM, "gkd.parallel.comm"),
+    **dict.fromkeys(_STATE, "gkd.parallel.state"),
+    "GkdError": "gkd.errors",
+    "hookimpl": "gkd.hookspecs",
+    "MethodRegistrar": "gkd.plugins.registry",
+}
+
+_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name == "losses":  # the sub-module itself, for ``from gkd.methods import losses``
+        import importlib
+
+        return importlib.import_module("gkd.methods.losses")
+    return _getattr(name)
+
+
+__all__ = sorted([*_EXPORTS, "losses"])
+
+if TYPE_CHECKING:
+    from gkd.errors import GkdError
+    from gkd.hookspecs import hookimpl
+    from gkd.methods import losses
+    from gkd.methods.api import (
+        STUDENT,
+        ForwardRequest,
+        Method,
+        MethodContext,
+        ModelShape,
+        ModelView,
+        PassPlan,
+        PassView,
+        StepContext,
+        teacher_key,
+    )
+    from gkd.methods.layers import hidden_tap, random_map, stride_map, uniform_map
+    from gkd.methods.losses import (
+        cosine_distance,
+        kl_between_distributions,
+        kl_divergence,
+        mse,
+        soft_cross_entropy,
+        task_loss_per_example,
+    )
+    from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind, load_schema
+    from gkd.models.operations import (
+        add_perturbation,
+        compose,
+        replace_with,
+        swap_layers,
+        write_positions,
+        write_span,
+    )
+    from gkd.models.taps import LAYERS_OPERATION, Operation
+    from gkd.parallel.comm import (
+        all_reduce_mean_over_tp,
+        all_reduce_sum_over_tp,
+        gather_along_dim,
+        gather_heads,
+        gather_last_dim,
+        shard_along_dim,
+    )
+    from gkd.parallel.state import tp_rank, tp_world_size
+    from gkd.plugins.registry import MethodRegistrar

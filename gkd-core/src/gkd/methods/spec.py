@@ -55,7 +55,7 @@ class MethodSpec:
         has_parameters: True when the method owns trainable parameters (TinyBERT's ``W_h``).
         config_schema: JSON Schema (Draft 2020-12) of the method's ``config`` mapping, with
             ``default`` on every optional property. Checked when the method registers.
-        factory: Builds the runtime method object (a :class:`gkd.engine.method.Method`)
+        factory: Builds the runtime method object (a :class:`gkd.methods.api.Method`)
             from the validated config; ``None`` only for methods that are pure data.
         notes: Free text for ``gkd methods show`` (deviations from the paper, fixed bugs).
     """

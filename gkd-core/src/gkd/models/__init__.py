@@ -4,7 +4,7 @@ Public surface::
 
     from gkd.models import ModelConfig, build_model
     model = build_model(ModelConfig(family="encoder", ...))      # or from_pretrained(dir)
-    out = model(input_ids, attention_mask)                         # ModelOutput
+    out = model(input_ids, attention_mask)                         # ForwardOutput
     with model.capture(features={"layers.1.output"}, operations={"embeddings": fn}) as feats:
         out = model(input_ids, attention_mask)
     export_hf(model, out_dir, tokenizer_dir=...)
@@ -13,77 +13,64 @@ Public surface::
 See ``docs/models.md`` for tap names, layouts, TP sharding and operation hooks.
 """
 
-from gkd.models.checkpoint import (
-    DictSource,
-    LoadReport,
-    SafetensorsDir,
-    export_hf,
-    from_pretrained,
-    hf_state_dict,
-    load_hf_weights,
-    load_model_config,
-    read_hf_config,
-)
-from gkd.models.config import FAMILIES, HEADS_BY_FAMILY, ModelConfig
-from gkd.models.init import (
-    StudentInit,
-    distilled_student,
-    init_student,
-    pretrained_student,
-    random_student,
-    select_teacher_layers,
-    truncated_student,
-)
-from gkd.models.model import GkdModel, ModelOutput, build_model, count_parameters
-from gkd.models.operations import (
-    add_perturbation,
-    compose,
-    replace_with,
-    swap_layers,
-    write_positions,
-    write_span,
-)
-from gkd.models.sharding import ShardKind, shard_kind
-from gkd.models.taps import LAYER_ROLES, LAYERS_OPERATION, SHARDED_ROLES, CaptureSession, Layout
-from gkd.models.tokenizer import Tokenizer, TokenizerError
+from __future__ import annotations
 
-__all__ = [
-    "FAMILIES",
-    "HEADS_BY_FAMILY",
-    "LAYERS_OPERATION",
-    "LAYER_ROLES",
-    "SHARDED_ROLES",
-    "CaptureSession",
-    "DictSource",
-    "GkdModel",
-    "Layout",
-    "LoadReport",
-    "ModelConfig",
-    "ModelOutput",
-    "SafetensorsDir",
-    "ShardKind",
-    "StudentInit",
-    "Tokenizer",
-    "TokenizerError",
-    "add_perturbation",
-    "build_model",
-    "compose",
-    "count_parameters",
-    "distilled_student",
-    "export_hf",
-    "from_pretrained",
-    "hf_state_dict",
-    "init_student",
-    "load_hf_weights",
-    "load_model_config",
-    "pretrained_student",
-    "random_student",
-    "read_hf_config",
-    "replace_with",
-    "select_teacher_layers",
-    "shard_kind",
-    "swap_layers",
-    "truncated_student",
-    "write_positions",
-    "write_span",
-]
+from typing import TYPE_CHECKING
+
+from gkd._lazy import lazy_exports
+
+_EXPORTS = {
+    "CaptureSession": "gkd.models.taps",
+    "DictSource": "gkd.models.checkpoint",
+    "FAMILIES": "gkd.models.config",
+    "GkdModel": "gkd.models.model",
+    "HEADS_BY_FAMILY": "gkd.models.config",
+    "LAYERS_OPERATION": "gkd.models.taps",
+    "LAYER_ROLES": "gkd.models.taps",
+    "Layout": "gkd.models.taps",
+    "Operation": "gkd.models.taps",
+    "LoadReport": "gkd.models.checkpoint",
+    "ModelConfig": "gkd.models.config",
+    "ForwardOutput": "gkd.models.model",
+    "SHARDED_ROLES": "gkd.models.taps",
+    "SafetensorsDir": "gkd.models.checkpoint",
+    "ShardKind": "gkd.models.sharding",
+    "StudentInit": "gkd.models.init",
+    "Tokenizer": "gkd.models.tokenizer",
+    "TokenizerError": "gkd.models.tokenizer",
+    "add_perturbation": "gkd.models.operations",
+    "build_model": "gkd.models.model",
+    "compose": "gkd.models.operations",
+    "count_parameters": "gkd.models.model",
+    "distilled_student": "gkd.models.init",
+    "export_hf": "gkd.models.checkpoint",
+    "from_pretrained": "gkd.models.checkpoint",
+    "hf_state_dict": "gkd.models.checkpoint",
+    "init_student": "gkd.models.init",
+    "load_hf_weights": "gkd.models.checkpoint",
+    "load_model_config": "gkd.models.checkpoint",
+    "pretrained_student": "gkd.models.init",
+    "random_student": "gkd.models.init",
+    "read_hf_config": "gkd.models.checkpoint",
+    "replace_with": "gkd.models.operations",
+    "select_teacher_layers": "gkd.models.init",
+    "shard_kind": "gkd.models.sharding",
+    "swap_layers": "gkd.models.operations",
+    "truncated_student": "gkd.models.init",
+    "write_positions": "gkd.models.operations",
+    "write_span": "gkd.models.operations",
+}
+"""Public name -> defining module; imported on first use (megatron-core loads only then)."""
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from gkd.models.checkpoint import DictSource, LoadReport, SafetensorsDir, export_hf, from_pretrained, hf_state_dict, load_hf_weights, load_model_config, read_hf_config
+    from gkd.models.config import FAMILIES, HEADS_BY_FAMILY, ModelConfig
+    from gkd.models.init import StudentInit, distilled_student, init_student, pretrained_student, random_student, select_teacher_layers, truncated_student
+    from gkd.models.model import GkdModel, ForwardOutput, build_model, count_parameters
+    from gkd.models.operations import add_perturbation, compose, replace_with, swap_layers, write_positions, write_span
+    from gkd.models.sharding import ShardKind, shard_kind
+    from gkd.models.taps import CaptureSession, LAYERS_OPERATION, LAYER_ROLES, Layout, Operation, SHARDED_ROLES
+    from gkd.models.tokenizer import Tokenizer, TokenizerError

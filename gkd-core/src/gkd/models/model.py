@@ -23,7 +23,7 @@ from gkd.models.taps import LAYER_ROLES, LAYERS_OPERATION, CaptureSession, Layou
 
 
 @dataclass
-class ModelOutput:
+class ForwardOutput:
     """Result of a forward pass.
 
     Attributes:
@@ -221,7 +221,7 @@ class GkdModel(MegatronModule):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-    ) -> ModelOutput:
+    ) -> ForwardOutput:
         """Run the model.
 
         Args:
@@ -246,7 +246,7 @@ class GkdModel(MegatronModule):
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
         session: CaptureSession | None,
-    ) -> ModelOutput:
+    ) -> ForwardOutput:
         cfg = self.model_config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -285,7 +285,7 @@ class GkdModel(MegatronModule):
             logits = self._vocab_logits(self.lm_head, last_hidden)
         if logits is not None:
             logits = tap("logits", logits, Layout.PUBLIC)
-        return ModelOutput(logits=logits, last_hidden=last_hidden, pooled=pooled)
+        return ForwardOutput(logits=logits, last_hidden=last_hidden, pooled=pooled)
 
     def _vocab_logits(self, proj: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
         weight = self.embeddings.word_embeddings.weight if self.model_config.tie_word_embeddings else None
@@ -365,4 +365,4 @@ def build_model(
     return model.to(device)
 
 
-__all__ = ["Embeddings", "GkdModel", "ModelOutput", "build_model", "count_parameters"]
+__all__ = ["Embeddings", "GkdModel", "ForwardOutput", "build_model", "count_parameters"]

@@ -18,9 +18,12 @@ pass raises.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from gkd.models.taps import Operation
 
 TensorOp = Callable[[torch.Tensor], torch.Tensor]
 LayersOp = Callable[[list[nn.Module]], list[nn.Module]]
@@ -113,13 +116,19 @@ def swap_layers(replacements: Mapping[int, nn.Module | Sequence[nn.Module]]) -> 
     return op
 
 
-def compose(*ops: TensorOp) -> TensorOp:
-    """Apply several tensor operations in order at one tap."""
+def compose(*ops: Operation) -> Operation:
+    """Apply several operations in order at one point (each gets the previous one's result).
 
-    def op(t: torch.Tensor) -> torch.Tensor:
+    The engine composes the operations of several methods at one point with this, in the
+    order of the stage's ``methods`` list; a single operation is returned as it is.
+    """
+    if len(ops) == 1:
+        return ops[0]
+
+    def op(value: Any) -> Any:
         for fn in ops:
-            t = fn(t)
-        return t
+            value = fn(value)
+        return value
 
     return op
 

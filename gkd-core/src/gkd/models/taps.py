@@ -60,6 +60,8 @@ LAYERS_OPERATION = "layers"
 """Operation-only point: ``fn(list[nn.Module]) -> list[nn.Module]`` picks the layers to run."""
 
 Operation = Callable[[Any], Any]
+"""An operation hook: called with the value at its tap point, returns the replacement
+(for the point ``layers``: receives and returns the list of layer modules to run)."""
 
 
 class Layout(enum.Enum):

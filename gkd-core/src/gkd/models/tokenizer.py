@@ -14,7 +14,7 @@ from pathlib import Path
 import tokenizers
 import torch
 
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 
 
 class TokenizerError(GkdError):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-
-class GkdError(Exception):
-    """Base of every error gkd reports to the user without a traceback (exit code 2)."""
+from gkd.errors import GkdError
 
 
 class MethodNotFound(GkdError):

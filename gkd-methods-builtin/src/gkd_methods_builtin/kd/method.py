@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from gkd.engine.method import STUDENT, ForwardRequest, Method, PassOutputs, PassPlan, StepContext, teacher_key
+from gkd.methods.api import STUDENT, ForwardRequest, Method, PassView, PassPlan, StepContext, teacher_key
 from gkd.methods import losses
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 
 
 def soft_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -21,7 +21,7 @@ def soft_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Ten
     return losses.mse(student_logits, teacher_logits, mask)
 
 
-def teacher_logits(outputs: PassOutputs, teacher: str, method: str) -> torch.Tensor:
+def teacher_logits(outputs: PassView, teacher: str, method: str) -> torch.Tensor:
     """A teacher's logits, or a clear error when the teacher has no task head."""
     logits = outputs.teacher(teacher).logits
     if logits is None:
@@ -30,7 +30,7 @@ def teacher_logits(outputs: PassOutputs, teacher: str, method: str) -> torch.Ten
     return logits
 
 
-def logits_mask(outputs: PassOutputs) -> torch.Tensor | None:
+def logits_mask(outputs: PassView) -> torch.Tensor | None:
     """Token logits ``[b, s, V]`` are averaged over real tokens; classification logits need no mask."""
     return outputs.batch["attention_mask"] if outputs.student.logits.dim() == 3 else None
 
@@ -38,13 +38,13 @@ def logits_mask(outputs: PassOutputs) -> torch.Tensor | None:
 class KD(Method):
     name = "kd"
 
-    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassOutputs | None) -> PassPlan | None:
+    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         teacher = teacher_key(self.context.teacher_names[0])
         return PassPlan({STUDENT: ForwardRequest(), teacher: ForwardRequest()})
 
-    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassOutputs) -> dict[str, torch.Tensor]:
+    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
         terms: dict[str, torch.Tensor] = {}
         if cfg["soft_weight"] > 0:

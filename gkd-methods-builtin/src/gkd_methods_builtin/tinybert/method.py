@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkd.engine.method import (
+from gkd.methods.api import (
     STUDENT,
     ForwardRequest,
     Method,
     MethodContext,
-    PassOutputs,
+    PassView,
     PassPlan,
     StepContext,
     teacher_key,
@@ -21,7 +21,7 @@ from gkd.engine.method import (
 from gkd.methods import losses
 from gkd.methods.layers import hidden_tap, random_map, uniform_map
 from gkd.parallel import all_reduce_mean_over_tp
-from gkd.plugins.errors import GkdError
+from gkd.errors import GkdError
 from gkd_methods_builtin.kd.method import teacher_logits
 
 
@@ -94,7 +94,7 @@ class TinyBERT(Method):
                          for j in range(s_layers)]
         return hidden, attention
 
-    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassOutputs | None) -> PassPlan | None:
+    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         hidden, attention = self.pairs(self._teacher_map(step, state))
@@ -103,7 +103,7 @@ class TinyBERT(Method):
             teacher_key(self._teacher): ForwardRequest(features=frozenset(t for _, t in hidden + attention)),
         })
 
-    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassOutputs) -> dict[str, torch.Tensor]:
+    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
         hidden, attention = self.pairs(list(state["teacher_map"]))
         s_out, t_out = outputs.student, outputs.teacher(self._teacher)

@@ -6,21 +6,21 @@ from typing import Any
 
 import torch
 
-from gkd.engine.method import STUDENT, ForwardRequest, Method, PassOutputs, PassPlan, StepContext, teacher_key
+from gkd.methods.api import STUDENT, ForwardRequest, Method, PassView, PassPlan, StepContext, teacher_key
 from gkd_methods_builtin.kd.method import logits_mask, soft_loss, teacher_logits
 
 
 class TMKD(Method):
     name = "tmkd"
 
-    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassOutputs | None) -> PassPlan | None:
+    def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         models = {STUDENT: ForwardRequest()}
         models.update({teacher_key(t): ForwardRequest() for t in self.context.teacher_names})
         return PassPlan(models)
 
-    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassOutputs) -> dict[str, torch.Tensor]:
+    def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
         mask = logits_mask(outputs)
         per_teacher = torch.stack([

@@ -29,17 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkd.models.taps import Operation
+
 STUDENT = "student"
 
 
 def teacher_key(name: str) -> str:
     """Model key of a teacher in plans and outputs: ``teacher:<name>``."""
     return f"teacher:{name}"
-
-
-Operation = Callable[..., Any]
-"""An operation hook: called with the value at its tap point, returns the replacement
-(for the special point ``layers``: receives and returns the list of layer modules)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ class PassPlan:
 
     models: Mapping[str, ForwardRequest]
     contributes_to_loss: bool = True
-    """False: this pass's terms are logged and visible to later passes (``PassOutputs.terms``)
+    """False: this pass's terms are logged and visible to later passes (``PassView.terms``)
     but not added to the optimised total (LRC-BERT's gradient-probe pass)."""
 
     @staticmethod
@@ -123,7 +120,7 @@ class PassPlan:
 
 
 @dataclass
-class ModelOutputs:
+class ModelView:
     """One model's results of one pass, restricted to what the method requested."""
 
     features: Mapping[str, torch.Tensor]
@@ -135,19 +132,19 @@ class ModelOutputs:
 
 
 @dataclass
-class PassOutputs:
+class PassView:
     batch: Mapping[str, torch.Tensor]
     """``input_ids``, ``attention_mask`` (1 = token, 0 = padding), and ``labels`` when present."""
-    models: Mapping[str, ModelOutputs]
+    models: Mapping[str, ModelView]
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     """Filled by the engine after ``loss``: this method's terms of this pass, with their graph,
     so a later pass can differentiate them (e.g. w.r.t. a captured feature)."""
 
     @property
-    def student(self) -> ModelOutputs:
+    def student(self) -> ModelView:
         return self.models[STUDENT]
 
-    def teacher(self, name: str) -> ModelOutputs:
+    def teacher(self, name: str) -> ModelView:
         return self.models[teacher_key(name)]
 
 
@@ -176,12 +173,12 @@ class Method(nn.Module):
         return {}
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int,
-             previous: PassOutputs | None) -> PassPlan | None:
+             previous: PassView | None) -> PassPlan | None:
         """Requests for pass ``pass_index``; return None to stop (pass 0 must return a plan)."""
         raise NotImplementedError
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int,
-             outputs: PassOutputs) -> dict[str, torch.Tensor]:
+             outputs: PassView) -> dict[str, torch.Tensor]:
         """Named loss terms of this pass, unweighted; the engine multiplies them by the method
         entry's ``weight`` and logs them as ``<method>.<term>`` (``<method>.pass<p>.<term>`` for p > 0)."""
         raise NotImplementedError
