@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gkd.methods.api import ModelView
 from gkd.errors import GkdError
+from gkd.methods.api import ModelView
 from gkd.testing import build_method, outputs, shape, step
 
 S, T, HS, HT, HEADS, B, L = 2, 4, 16, 32, 4, 3, 5

@@ -25,8 +25,8 @@ from gkd.engine.data import (
     read_examples,
     reuters_r8,
 )
-from gkd.models.tokenizer import TokenizerError
 from gkd.errors import GkdError
+from gkd.models.tokenizer import TokenizerError
 
 
 def ds(path: Path, fmt: str = "auto", limit: int | None = None, text: str = "text", label: str = "label") -> DatasetConfig:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from gkd.methods.api import STUDENT, ForwardRequest, Method, MethodContext, PassPlan, teacher_key
 from gkd.engine.plan import merge_plans
 from gkd.engine.step import SelectedMethod, distill_step, method_generator, step_context
+from gkd.methods.api import STUDENT, ForwardRequest, Method, MethodContext, PassPlan, teacher_key
 from gkd.testing import shape
 
 

@@ -11,8 +11,8 @@ import torch
 
 from gkd import parallel
 from gkd.engine.build import model_shape
-from gkd.methods.api import STUDENT, MethodContext, teacher_key
 from gkd.engine.step import SelectedMethod, distill_step, step_context
+from gkd.methods.api import STUDENT, MethodContext, teacher_key
 from gkd.models import ModelConfig, build_model, export_hf, from_pretrained, shard_kind
 from gkd.models.sharding import ShardKind, gather_full
 from gkd.plugins import load_plugin_manager

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from gkd.config.run import RunConfig, StageConfig
-from gkd.methods.api import MethodContext, ModelShape
 from gkd.engine.step import SelectedMethod
 from gkd.errors import GkdError
+from gkd.methods.api import MethodContext, ModelShape
 from gkd.plugins.registry import MethodRegistry
 
 if TYPE_CHECKING:

@@ -34,8 +34,8 @@ import torch
 from gkd.atomic import atomic_write_json
 from gkd.config.paths import resolve_path
 from gkd.config.run import DatasetConfig, TaskType
-from gkd.models.tokenizer import Tokenizer, pad_rows
 from gkd.errors import GkdError
+from gkd.models.tokenizer import Tokenizer, pad_rows
 
 IGNORE_INDEX = -100
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".tab": "orange-tab"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 from gkd.methods.api import STUDENT, PassPlan
 from gkd.models.operations import compose
 from gkd.models.taps import Operation

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from gkd.engine.data import seeded_generator
-from gkd.methods.api import STUDENT, Method, ModelView, PassView, PassPlan, StepContext
 from gkd.engine.plan import MergedPass, merge_plans
+from gkd.methods.api import STUDENT, Method, ModelView, PassPlan, PassView, StepContext
 from gkd.methods.losses import task_loss_per_example
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

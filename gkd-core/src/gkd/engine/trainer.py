@@ -34,15 +34,15 @@ from gkd.config.run import RunConfig, StageConfig, StudentInit
 from gkd.engine import checkpoint as ckpt
 from gkd.engine.build import build_methods, model_shape
 from gkd.engine.data import BatchIterator, LabelVocab, TaskDataset, Tokenizer, build_dataset, make_batches
-from gkd.methods.api import STUDENT, ModelShape, teacher_key
 from gkd.engine.metrics import MetricsLogger, plot_losses
 from gkd.engine.schedule import build_scheduler
 from gkd.engine.step import SelectedMethod, distill_step, step_context
+from gkd.errors import GkdError
+from gkd.methods.api import STUDENT, ModelShape, teacher_key
 from gkd.methods.losses import task_loss_per_example
 from gkd.models import GkdModel, ModelConfig, count_parameters, export_hf, from_pretrained, load_model_config
 from gkd.models.init import pretrained_student, random_student, truncated_student
 from gkd.parallel.zero import deepspeed_config, initialize_engine
-from gkd.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
 
 HEAD_FOR_TASK = {"sequence_classification": "classification", "masked_lm": "mlm", "causal_lm": "lm"}

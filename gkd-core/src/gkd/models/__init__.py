@@ -63,14 +63,86 @@ _EXPORTS = {
 """Public name -> defining module; imported on first use (megatron-core loads only then)."""
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "FAMILIES",
+    "HEADS_BY_FAMILY",
+    "LAYERS_OPERATION",
+    "LAYER_ROLES",
+    "SHARDED_ROLES",
+    "CaptureSession",
+    "DictSource",
+    "ForwardOutput",
+    "GkdModel",
+    "Layout",
+    "LoadReport",
+    "ModelConfig",
+    "Operation",
+    "SafetensorsDir",
+    "ShardKind",
+    "StudentInit",
+    "Tokenizer",
+    "TokenizerError",
+    "add_perturbation",
+    "build_model",
+    "compose",
+    "count_parameters",
+    "distilled_student",
+    "export_hf",
+    "from_pretrained",
+    "hf_state_dict",
+    "init_student",
+    "load_hf_weights",
+    "load_model_config",
+    "pretrained_student",
+    "random_student",
+    "read_hf_config",
+    "replace_with",
+    "select_teacher_layers",
+    "shard_kind",
+    "swap_layers",
+    "truncated_student",
+    "write_positions",
+    "write_span",
+]
 
 if TYPE_CHECKING:
-    from gkd.models.checkpoint import DictSource, LoadReport, SafetensorsDir, export_hf, from_pretrained, hf_state_dict, load_hf_weights, load_model_config, read_hf_config
+    from gkd.models.checkpoint import (
+        DictSource,
+        LoadReport,
+        SafetensorsDir,
+        export_hf,
+        from_pretrained,
+        hf_state_dict,
+        load_hf_weights,
+        load_model_config,
+        read_hf_config,
+    )
     from gkd.models.config import FAMILIES, HEADS_BY_FAMILY, ModelConfig
-    from gkd.models.init import StudentInit, distilled_student, init_student, pretrained_student, random_student, select_teacher_layers, truncated_student
-    from gkd.models.model import GkdModel, ForwardOutput, build_model, count_parameters
-    from gkd.models.operations import add_perturbation, compose, replace_with, swap_layers, write_positions, write_span
+    from gkd.models.init import (
+        StudentInit,
+        distilled_student,
+        init_student,
+        pretrained_student,
+        random_student,
+        select_teacher_layers,
+        truncated_student,
+    )
+    from gkd.models.model import ForwardOutput, GkdModel, build_model, count_parameters
+    from gkd.models.operations import (
+        add_perturbation,
+        compose,
+        replace_with,
+        swap_layers,
+        write_positions,
+        write_span,
+    )
     from gkd.models.sharding import ShardKind, shard_kind
-    from gkd.models.taps import CaptureSession, LAYERS_OPERATION, LAYER_ROLES, Layout, Operation, SHARDED_ROLES
+    from gkd.models.taps import (
+        LAYER_ROLES,
+        LAYERS_OPERATION,
+        SHARDED_ROLES,
+        CaptureSession,
+        Layout,
+        Operation,
+    )
     from gkd.models.tokenizer import Tokenizer, TokenizerError

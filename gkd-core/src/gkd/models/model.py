@@ -365,4 +365,4 @@ def build_model(
     return model.to(device)
 
 
-__all__ = ["Embeddings", "GkdModel", "ForwardOutput", "build_model", "count_parameters"]
+__all__ = ["Embeddings", "ForwardOutput", "GkdModel", "build_model", "count_parameters"]

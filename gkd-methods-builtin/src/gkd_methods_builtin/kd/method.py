@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from gkd.methods.api import STUDENT, ForwardRequest, Method, PassView, PassPlan, StepContext, teacher_key
-from gkd.methods import losses
 from gkd.errors import GkdError
+from gkd.methods import losses
+from gkd.methods.api import STUDENT, ForwardRequest, Method, PassPlan, PassView, StepContext, teacher_key
 
 
 def soft_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,

@@ -8,20 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkd.errors import GkdError
+from gkd.methods import losses
 from gkd.methods.api import (
     STUDENT,
     ForwardRequest,
     Method,
     MethodContext,
-    PassView,
     PassPlan,
+    PassView,
     StepContext,
     teacher_key,
 )
-from gkd.methods import losses
 from gkd.methods.layers import hidden_tap, random_map, uniform_map
 from gkd.parallel import all_reduce_mean_over_tp
-from gkd.errors import GkdError
 from gkd_methods_builtin.kd.method import teacher_logits
 
 

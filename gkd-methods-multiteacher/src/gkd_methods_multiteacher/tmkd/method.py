@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gkd.methods.api import STUDENT, ForwardRequest, Method, PassView, PassPlan, StepContext, teacher_key
+from gkd.methods.api import STUDENT, ForwardRequest, Method, PassPlan, PassView, StepContext, teacher_key
 from gkd_methods_builtin.kd.method import logits_mask, soft_loss, teacher_logits
 
 
