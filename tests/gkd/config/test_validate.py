@@ -58,8 +58,13 @@ def test_shipped_example_is_valid(registry):
     kd = run.stages[2].methods[0]
     # method defaults filled from the method's schema, user values kept
     assert kd.config == {"temperature": 2.0, "soft_loss": "kl", "hard_weight": 1.0, "soft_weight": 1.0}
-    assert run.stages[1].optimizer["lr"] == 2e-4 and run.stages[1].optimizer["weight_decay"] == 0.01
+    assert run.stages[1].optimizer.lr == 2e-4 and run.stages[1].optimizer.weight_decay == 0.01
+    # a stage's partial block keeps the top-level values it does not name
+    assert run.stages[2].training.batch_size == 16 and run.stages[2].training.eval_batch_size == 128
     assert run.teachers[0].path.joinpath("model.safetensors").is_file()
+    assert run.teachers[0].dtype == "fp32" and run.task.head == "classification"
+    assert run.student.init.layers == "strided" and run.student.init.num_layers == 3
+    assert run.stages[1].used_teachers == ("minilm",)
 
 
 def test_three_mistakes_three_lines(tmp_path, registry):
@@ -108,7 +113,7 @@ def test_paths_and_truncation_ranges(tmp_path, registry):
 def test_set_overrides(tmp_path, registry):
     cfg = base_config(tmp_path)
     run = load(tmp_path, cfg, registry, ["stages[0].steps=9", "training.batch_size=4", "stages[0].methods[0].config.temperature=3"])
-    assert run.stages[0].steps == 9 and run.stages[0].training["batch_size"] == 4
+    assert run.stages[0].steps == 9 and run.stages[0].training.batch_size == 4
     assert run.stages[0].methods[0].config["temperature"] == 3
     found = messages(tmp_path, cfg, registry, ["trainig.batch_size=4"])
     assert found == ["trainig: unknown key; did you mean 'training'?"]
@@ -138,3 +143,51 @@ def test_unsupported_checkpoint_family(tmp_path, registry):
     found = messages(tmp_path, cfg, registry)
     assert any(m.startswith("teachers[1].path: model_type 'gpt2' in ") and m.endswith("is not supported (gkd reads bert, llama)")
                for m in found), found
+
+
+def test_every_section_is_typed(tmp_path, registry):
+    from gkd.config import (
+        CheckpointConfig,
+        ExportConfig,
+        LoggingConfig,
+        OptimizerConfig,
+        ScheduleConfig,
+        TaskConfig,
+        TrainingConfig,
+    )
+
+    cfg = base_config(tmp_path)
+    cfg["student"]["architecture"] = {"num_heads": 2}
+    cfg["export"] = {"dir": "out"}
+    run = load(tmp_path, cfg, registry)
+    assert isinstance(run.task, TaskConfig) and run.task.max_length == 128
+    assert isinstance(run.checkpoint, CheckpointConfig) and isinstance(run.logging, LoggingConfig)
+    assert isinstance(run.export, ExportConfig) and run.export.dir is not None and run.export.dir.name == "out"
+    stage = run.stages[0]
+    assert isinstance(stage.optimizer, OptimizerConfig) and stage.optimizer.betas == (0.9, 0.999)
+    assert isinstance(stage.schedule, ScheduleConfig) and isinstance(stage.training, TrainingConfig)
+    assert run.student.architecture.model_overrides() == {"num_attention_heads": 2, "num_kv_heads": 2}
+
+
+def test_published_teacher_is_a_default_teacher_of_later_stages(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["teachers"] = cfg["teachers"][:1]
+    cfg["stages"] = [
+        {"name": "kd", "steps": 1, "methods": [{"name": "kd"}], "publish_as_teacher": "ta"},
+        {"name": "two", "steps": 1, "methods": [{"name": "tmkd"}]},
+    ]
+    run = load(tmp_path, cfg, registry)
+    assert run.stages[0].teachers == ("big",)
+    assert run.stages[1].teachers == ("big", "ta") and run.stages[1].methods[0].teachers == ("big", "ta")
+
+
+def test_features_that_do_not_fit_the_models_are_rejected_before_any_model_is_built(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["student"]["architecture"] = {"num_heads": 2}
+    cfg["stages"][0]["methods"] = [{"name": "tinybert"}]
+    found = messages(tmp_path, cfg, registry)
+    assert len(found) == 1, found
+    assert found[0].startswith("stages[0].methods[0].config.attention: ")
+    assert "tinybert" in found[0] and "student" in found[0] and "teacher 'big'" in found[0]
+    cfg["stages"][0]["methods"] = [{"name": "tinybert", "config": {"attention": False}}]
+    assert load(tmp_path, cfg, registry).stages[0].methods[0].config["attention"] is False

@@ -17,23 +17,24 @@ import torch
 from torch import nn
 
 from gkd.atomic import atomic_write_json
-from gkd.engine import checkpoint as ckpt
+from gkd.config.run import ScheduleConfig
+from gkd.engine import fingerprint
 from gkd.engine.checkpoint import (
-    CheckpointError,
     CheckpointState,
-    atomic_save_safetensors,
     find_latest,
-    flatten_optimizer_state,
     list_checkpoints,
     load_checkpoint,
-    load_tensors,
     save_checkpoint,
-    sha256_of_checkpoint,
-    teacher_references,
-    unflatten_optimizer_state,
-    verify_teachers,
 )
+from gkd.engine.fingerprint import sha256_of_checkpoint, teacher_references, verify_teachers
 from gkd.engine.schedule import build_scheduler
+from gkd.engine.serialize import (
+    CheckpointError,
+    atomic_save_safetensors,
+    flatten_optimizer_state,
+    load_tensors,
+    unflatten_optimizer_state,
+)
 
 
 class Tiny(nn.Module):
@@ -55,7 +56,7 @@ def make(seed: int) -> tuple[Tiny, torch.optim.AdamW, torch.optim.lr_scheduler.L
     torch.manual_seed(seed)
     model = Tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    return model, opt, build_scheduler(opt, {"type": "cosine", "warmup_ratio": 0.25}, total_steps=8)
+    return model, opt, build_scheduler(opt, ScheduleConfig(type="cosine", warmup_ratio=0.25), total_steps=8)
 
 
 def train(model: Tiny, opt: torch.optim.Optimizer, sched, steps: int) -> None:
@@ -240,7 +241,7 @@ def test_teacher_hash_is_cached_and_detects_changes(tmp_path: Path, monkeypatch:
 
     calls = []
     real = hashlib.file_digest
-    monkeypatch.setattr(ckpt.hashlib, "file_digest", lambda f, name: calls.append(1) or real(f, name))
+    monkeypatch.setattr(fingerprint.hashlib, "file_digest", lambda f, name: calls.append(1) or real(f, name))
     refs = teacher_references({"bert": teacher})
     refs_again = teacher_references({"bert": teacher})
     assert refs == refs_again and calls == []  # served from the in-memory cache

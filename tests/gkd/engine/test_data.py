@@ -10,23 +10,12 @@ import pytest
 import torch
 
 from gkd.config.paths import PathResolutionError
-from gkd.config.run import DatasetConfig
-from gkd.engine.data import (
-    IGNORE_INDEX,
-    BatchIterator,
-    DataError,
-    Example,
-    LabelVocab,
-    TaskDataset,
-    Tokenizer,
-    UnknownLabelError,
-    build_dataset,
-    make_batches,
-    read_examples,
-    reuters_r8,
-)
+from gkd.config.run import DatasetConfig, TaskConfig
+from gkd.engine.data import BatchIterator, TaskDataset, build_dataset, make_batches
+from gkd.engine.labels import LabelVocab
+from gkd.engine.readers import IGNORE_INDEX, DataError, Example, UnknownLabelError, read_examples, reuters_r8
 from gkd.errors import GkdError
-from gkd.models.tokenizer import TokenizerError
+from gkd.models.tokenizer import Tokenizer, TokenizerError
 
 
 def ds(path: Path, fmt: str = "auto", limit: int | None = None, text: str = "text", label: str = "label") -> DatasetConfig:
@@ -136,7 +125,7 @@ def test_label_vocab_sorted_saved_and_loaded(tmp_path: Path) -> None:
 
 def test_unknown_label_in_eval_split_is_reported(write_file, minilm_dir: Path) -> None:
     tok = Tokenizer.from_dir(minilm_dir, 16)
-    task = {"type": "sequence_classification"}
+    task = TaskConfig("sequence_classification")
     train = write_file("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     evals = write_file("eval.jsonl", '{"text": "a", "label": "x"}\n{"text": "c", "label": "z"}\n')
     _, vocab = build_dataset(ds(train), tok, task, seed=0)
@@ -301,5 +290,5 @@ def test_batch_iterator_rejects_changed_data_and_splits_ranks(minilm_dir: Path) 
 def test_build_dataset_for_lm_tasks(write_file, gpt2_tokenizer_dir: Path) -> None:
     path = write_file("lm.txt", "the cat sat\nthe dog ran\n\nstocks rose\n")
     tok = Tokenizer.from_dir(gpt2_tokenizer_dir, 8)
-    data, labels = build_dataset(ds(path, limit=2), tok, {"type": "causal_lm"}, seed=0)
+    data, labels = build_dataset(ds(path, limit=2), tok, TaskConfig("causal_lm"), seed=0)
     assert labels is None and len(data) == 2

@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 
+from gkd.config.run import ScheduleConfig
 from gkd.engine.schedule import LRMultiplier, build_scheduler, warmup_steps_for
 
 
 def lrs(schedule: dict, total: int, peak: float = 2.0) -> list[float]:
     """The LR used by each of ``total`` optimizer steps."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    sched = build_scheduler(opt, schedule, total)
+    sched = build_scheduler(opt, ScheduleConfig(**schedule), total)
     out = []
     for _ in range(total + 1):
         out.append(opt.param_groups[0]["lr"])
@@ -41,8 +42,8 @@ def test_constant_and_warmup_steps_override() -> None:
     got = lrs({"type": "constant", "warmup_ratio": 0.5, "warmup_steps": 4}, 20, peak=1.0)
     assert got[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert got[-1] == 1.0
-    assert warmup_steps_for({"warmup_ratio": 0.05}, 30) == 2  # rounded up: a short run still warms up
-    assert warmup_steps_for({}, 100) == 10  # schema default ratio 0.1
+    assert warmup_steps_for(ScheduleConfig(warmup_ratio=0.05), 30) == 2  # rounded up: a short run still warms up
+    assert warmup_steps_for(ScheduleConfig(), 100) == 10  # schema default ratio 0.1
     assert lrs({"type": "linear", "warmup_ratio": 0.0}, 4, peak=1.0) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
@@ -50,13 +51,13 @@ def test_invalid_schedule_and_json_state() -> None:
     with pytest.raises(ValueError, match="unknown schedule type"):
         LRMultiplier("step", 0, 10, 0.0)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(opt, {"type": "cosine", "warmup_steps": 2}, 10)
+    sched = build_scheduler(opt, ScheduleConfig(type="cosine", warmup_steps=2), 10)
     for _ in range(3):
         opt.step()
         sched.step()
     state = json.loads(json.dumps(sched.state_dict()))  # plain JSON, no pickled lambdas
     assert state["lr_lambdas"] == [{"kind": "cosine", "warmup_steps": 2, "total_steps": 10, "min_lr_ratio": 0.0}]
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched2 = build_scheduler(opt2, {"type": "cosine", "warmup_steps": 2}, 10)
+    sched2 = build_scheduler(opt2, ScheduleConfig(type="cosine", warmup_steps=2), 10)
     sched2.load_state_dict(state)
     assert sched2.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()

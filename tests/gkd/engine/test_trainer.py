@@ -141,7 +141,7 @@ def test_distill_cli_rejects_bad_set_keys(workspace):
 def test_causal_lm_plain_stage_and_teacher_assistant_chain(tmp_path, registry, llama_tokenizer_dir):
     """Decoder family: plain training, KD that publishes a teacher assistant, then a fresh
     student distilled from that assistant (TAKD's shape); perplexity is evaluated."""
-    from gkd.engine.data import Tokenizer
+    from gkd.models import Tokenizer
 
     vocab = Tokenizer.from_dir(llama_tokenizer_dir, 16).vocab_size
     cfg = ModelConfig(family="decoder", vocab_size=vocab, hidden_size=32, num_layers=4, num_attention_heads=4,
@@ -223,3 +223,33 @@ def test_teacher_without_task_head_serves_features_and_kd_says_why_not(workspace
 
     with pytest.raises(GkdError, match="teacher 't' has no task head"):
         run(config, registry)
+
+
+def test_stop_at_a_stage_end_says_so_and_resumes_bitwise(workspace, registry):
+    """Stopping exactly at the end of a stage: the message names that step, and the resumed run
+    (which restores the finished stage, megatron's RNG streams included) equals an uninterrupted one."""
+    full_dir, split_dir = workspace / "ref-end", workspace / "split-end"
+    run(write_config(workspace, full_dir), registry)
+    config = write_config(workspace, split_dir)
+    with pytest.raises(TrainingInterrupted, match="stopped after global step 3 "):
+        run(config, registry, stop_after=3)
+    run(config, registry)
+    ref = load_file(str(find_latest(full_dir) / "model.safetensors"))
+    got = load_file(str(find_latest(split_dir) / "model.safetensors"))
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+
+
+def test_bf16_teacher_and_progress_lines(workspace, registry):
+    """A teacher in bf16 (its configured dtype) distils an fp32 student; without a terminal the
+    loop prints a progress line every logging.every_steps steps."""
+    teachers = [{"name": "t", "path": "teacher", "dtype": "bf16"}]
+    config = write_config(workspace, workspace / "bf16", teachers=teachers,
+                          logging={"progress": False, "plot": False, "every_steps": 2})
+    messages: list[str] = []
+    summary = Trainer(load_run_config(config, registry=registry), registry, echo=messages.append).execute()
+    assert summary["global_step"] == 6
+    records = [json.loads(line) for line in (workspace / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
+    assert [m.split(" loss")[0] for m in messages if " step " in m and "loss" in m] == [
+        "[1/2] tinybert step 2/3", "[1/2] tinybert step 3/3", "[2/2] kd step 2/3", "[2/2] kd step 3/3"]

@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from gkd.models import (
-    StudentInit,
     build_model,
-    distilled_student,
     export_hf,
     hf_state_dict,
-    init_student,
     load_model_config,
     pretrained_student,
     random_student,
@@ -26,8 +23,8 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 def test_select_teacher_layers() -> None:
     assert select_teacher_layers(12, 6, "bottom") == [0, 1, 2, 3, 4, 5]
-    assert select_teacher_layers(12, 6, "uniform") == [0, 2, 4, 6, 8, 10]
-    assert select_teacher_layers(6, 4, "uniform") == [0, 1, 3, 4]
+    assert select_teacher_layers(12, 6, "strided") == [0, 2, 4, 6, 8, 10]
+    assert select_teacher_layers(6, 4, "strided") == [0, 1, 3, 4]
     assert select_teacher_layers(4, 2, [3, 1]) == [3, 1]
     with pytest.raises(ValueError, match="more layers"):
         select_teacher_layers(2, 3, "bottom")
@@ -74,17 +71,17 @@ def test_distilled_student_round_trip(encoder_cfg, tmp_path, batch) -> None:
     student(**b).logits.logsumexp(-1).mean().backward()  # one update: not the random init any more
     opt.step()
     export_hf(student, tmp_path / "run1")
-    again = init_student(None, StudentInit(method="distilled", path=str(tmp_path / "run1")))
+    again = pretrained_student(tmp_path / "run1")
     assert again.model_config == student.model_config
     original, loaded = _params(student), _params(again)
     assert all(torch.equal(original[n], loaded[n]) for n in original)
-    assert distilled_student(tmp_path / "run1").num_parameters() == student.num_parameters()
+    assert again.num_parameters() == student.num_parameters()
 
 
 def test_truncated_encoder_equals_teacher_running_the_chosen_layers(encoder_cfg, batch) -> None:
     teacher = build_model(encoder_cfg(num_layers=4, head="classification", num_labels=3), seed=11).eval()
     student = truncated_student(
-        encoder_cfg(head="classification", num_labels=3), teacher, layers="uniform"
+        encoder_cfg(head="classification", num_labels=3), teacher, layers="strided"
     ).eval()
     b = batch(100)
     with torch.no_grad():
@@ -143,15 +140,11 @@ def test_truncated_student_takes_leading_slices(encoder_cfg, decoder_cfg) -> Non
 
 
 def test_truncation_from_a_teacher_checkpoint(tiny_llama_dir, decoder_cfg, batch) -> None:
-    student = init_student(
-        decoder_cfg(num_layers=1), StudentInit(method="truncate", path=str(tiny_llama_dir), layers=[1])
-    )
+    student = truncated_student(decoder_cfg(num_layers=1), tiny_llama_dir, layers=[1])
     t = hf_state_dict(pretrained_student(tiny_llama_dir))
     s = hf_state_dict(student)
     assert torch.equal(s["model.layers.0.mlp.down_proj.weight"], t["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
-    two_layers = init_student(decoder_cfg(), StudentInit(method="random", seed=1))
+    two_layers = random_student(decoder_cfg(), seed=1)
     one_layer = sum(p.numel() for p in student.layers[0].parameters())
     assert two_layers.num_parameters() - student.num_parameters() == one_layer
-    with pytest.raises(ValueError, match="needs a teacher"):
-        init_student(decoder_cfg(), StudentInit(method="truncate"))

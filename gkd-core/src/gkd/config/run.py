@@ -1,8 +1,9 @@
-"""Typed, validated view of a run config. Build it with :func:`gkd.config.load_run_config`.
+"""The typed run config: one frozen dataclass per section. Build it with
+:func:`gkd.config.load_run_config` (or :func:`gkd.config.build_run_config`).
 
-The JSON Schema (``run.schema.json``) is the source of truth for fields, defaults and their
-documentation (``gkd config schema`` prints it); these dataclasses give the engine typed,
-immutable access to a config that has already passed every check.
+The JSON Schema (``run.schema.json``, printed by ``gkd config schema``) is the source of the
+fields' documentation and defaults; these classes give the engine typed, immutable access to
+a config that has already passed every check. Every field is read by the engine.
 """
 
 from __future__ import annotations
@@ -13,31 +14,93 @@ from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
 TaskType = Literal["sequence_classification", "masked_lm", "causal_lm"]
+LayerChoice = Literal["bottom", "strided"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """``task``: what the student (and a fine-tuned teacher) is trained to do."""
+
+    type: TaskType
+    max_length: int = 128
+    """Tokens per example after truncation."""
+    num_labels: int | None = None
+    """Classes of a classification task; None: taken from the training split."""
+    mlm_probability: float = 0.15
+    """Masking rate of ``masked_lm``."""
+
+    @property
+    def head(self) -> str:
+        """The model head this task trains (``classification``, ``mlm`` or ``lm``)."""
+        return {"sequence_classification": "classification", "masked_lm": "mlm", "causal_lm": "lm"}[self.type]
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    """One data split (``data.train`` …, or a stage's ``data``)."""
+
     path: Path
-    format: str
-    text_field: str
-    label_field: str
-    limit: int | None
+    format: str = "auto"
+    text_field: str = "text"
+    label_field: str = "label"
+    limit: int | None = None
+    """Use only the first N examples after a seeded shuffle."""
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """One entry of ``teachers``."""
+
     name: str
     path: Path
-    dtype: Precision
+    dtype: Precision = "fp32"
+    """Precision the frozen teacher is loaded and run in."""
 
 
 @dataclass(frozen=True)
 class StudentInit:
+    """``student.init`` (or a stage's ``student_init``): how a student starts."""
+
     strategy: Literal["pretrained", "truncate", "random", "run"]
-    path: Path | None
-    teacher: str | None
-    layers: str | tuple[int, ...]
-    num_layers: int | None
+    path: Path | None = None
+    """Checkpoint directory (``pretrained``, or ``random``'s shape), or run directory (``run``)."""
+    teacher: str | None = None
+    """Teacher copied from (``truncate``) or whose shape is used (``random``)."""
+    layers: LayerChoice | tuple[int, ...] = "strided"
+    """Teacher layers copied by ``truncate``: bottom k, every (T/S)-th from layer 0, or a list."""
+    num_layers: int | None = None
+
+    def source_dir(self, teacher_paths: dict[str, Path]) -> Path:
+        """The checkpoint directory this init reads its shape (and tokenizer) from."""
+        if self.teacher is not None:
+            return teacher_paths[self.teacher]
+        assert self.path is not None  # validation guarantees one of teacher / path
+        return self.path / "export" if self.strategy == "run" else self.path
+
+
+@dataclass(frozen=True)
+class ArchitectureOverrides:
+    """``student.architecture``: shape fields that replace the source checkpoint's."""
+
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    """Defaults to ``num_heads`` when only that is given (no grouped-query attention)."""
+    ffn_hidden_size: int | None = None
+
+    def model_overrides(self) -> dict[str, int]:
+        """As :class:`gkd.models.ModelConfig` keyword arguments."""
+        out = {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
+               "num_attention_heads": self.num_heads, "ffn_hidden_size": self.ffn_hidden_size,
+               "num_kv_heads": self.num_kv_heads if self.num_kv_heads is not None else self.num_heads}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    init: StudentInit
+    architecture: ArchitectureOverrides = field(default_factory=ArchitectureOverrides)
 
 
 @dataclass(frozen=True)
@@ -48,6 +111,37 @@ class MethodEntry:
     weight: float
     teachers: tuple[str, ...]
     config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: Literal["adamw"] = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    type: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    """Overrides ``warmup_ratio`` when given."""
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 16
+    """Micro-batch size per data-parallel rank."""
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    """0 disables clipping."""
+    precision: Precision = "fp32"
+    eval_every_steps: int = 0
+    """Evaluate on the stage's eval split every N stage steps (0: at the end only)."""
 
 
 @dataclass(frozen=True)
@@ -73,20 +167,47 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N global steps (0: only at the end of each stage, which always saves)."""
+    keep_last: int = 2
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 10
+    """A text progress line every N steps when no progress bar is shown."""
+    progress: bool = True
+    """A progress bar when standard error is a terminal."""
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    enabled: bool = True
+    dir: Path | None = None
+    """Default ``<run_dir>/export``."""
+
+
+@dataclass(frozen=True)
 class StageConfig:
+    """One stage, with the top-level ``optimizer``/``schedule``/``training``/``data`` merged in."""
+
     name: str
     kind: Literal["pretrain", "task"]
     train: str
     """``"student"`` or ``"teacher:NAME"``."""
     teachers: tuple[str, ...]
+    """Teachers the stage may use (default: every teacher defined or published before it)."""
     methods: tuple[MethodEntry, ...]
     steps: int | None
     epochs: float | None
     train_data: DatasetConfig
     eval_data: DatasetConfig | None
-    optimizer: dict[str, Any]
-    schedule: dict[str, Any]
-    training: dict[str, Any]
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    training: TrainingConfig
     publish_as_teacher: str | None
     student_init: StudentInit | None
 
@@ -94,21 +215,25 @@ class StageConfig:
     def trains_teacher(self) -> str | None:
         return self.train.split(":", 1)[1] if self.train.startswith("teacher:") else None
 
+    @property
+    def used_teachers(self) -> tuple[str, ...]:
+        """Teachers some method of this stage reads, in first-use order (these are loaded)."""
+        return tuple(dict.fromkeys(t for m in self.methods for t in m.teachers))
+
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str
     run_dir: Path
     seed: int
-    task: dict[str, Any]
+    task: TaskConfig
     teachers: tuple[TeacherConfig, ...]
-    student_init: StudentInit
-    student_architecture: dict[str, int]
+    student: StudentConfig
     stages: tuple[StageConfig, ...]
     parallel: ParallelConfig
-    checkpoint: dict[str, Any]
-    logging: dict[str, Any]
-    export: dict[str, Any]
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    export: ExportConfig
     train_data: DatasetConfig
     """``data.train``: the default training split of every stage, and the source of the label set."""
     test_data: DatasetConfig | None
@@ -118,3 +243,6 @@ class RunConfig:
 
     def teacher(self, name: str) -> TeacherConfig:
         return next(t for t in self.teachers if t.name == name)
+
+    def stage_index(self, stage: StageConfig) -> int:
+        return self.stages.index(stage)

@@ -2,52 +2,67 @@
 
 1. the run schema (types, ranges, unknown keys with "did you mean");
 2. each selected method's own schema, under ``stages[i].methods[j].config``;
-3. rules that span fields (references between teachers, stages and methods; tensor-parallel
-   divisibility of every model's heads; paths that must exist) — checked by reading the
+3. rules that span fields — references between teachers, stages and methods; paths that
+   must exist; tensor-parallel divisibility of every model's heads; and whether each
+   method's declared features fit the teacher and student shapes — all read from the
    checkpoints' ``config.json``, before any model is built.
+
+Decisions shared with the typed build (default teachers, merged sections) come from
+:mod:`gkd.config.resolve`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gkd.config.errors import ConfigError, ConfigIssue
-from gkd.config.loader import apply_overrides, read_config_file
+from gkd.config import resolve
+from gkd.config.errors import ConfigIssue
 from gkd.config.paths import PathResolutionError, resolve_path
-from gkd.config.run import (
-    DatasetConfig,
-    MethodEntry,
-    ParallelConfig,
-    RunConfig,
-    StageConfig,
-    StudentInit,
-    TeacherConfig,
-    ZeroConfig,
-)
 from gkd.config.schema import apply_defaults, closest, run_schema, schema_issues
 from gkd.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
 
-ENCODER_TYPES = {"bert"}
-DECODER_TYPES = {"llama"}
-"""The Hugging Face ``model_type`` values :mod:`gkd.models` reads (kept here so that validation
-does not import megatron-core)."""
 
+@dataclass(frozen=True)
+class Shape:
+    """A model's shape as read from its ``config.json`` (plus ``student.architecture``)."""
 
-def _shape_from_hf(config_json: dict[str, Any]) -> dict[str, Any]:
-    heads = config_json.get("num_attention_heads")
-    return {
-        "model_type": config_json.get("model_type", "?"),
-        "num_layers": config_json.get("num_hidden_layers"),
-        "hidden_size": config_json.get("hidden_size"),
-        "num_heads": heads,
-        "num_kv_heads": config_json.get("num_key_value_heads", heads),
-        "ffn_hidden_size": config_json.get("intermediate_size"),
-    }
+    model_type: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> Shape | None:
+        family = resolve.family_of(str(cfg.get("model_type", "?")))
+        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+        if family is None or not all(isinstance(cfg.get(k), int) for k in keys):
+            return None
+        heads = cfg["num_attention_heads"]
+        return Shape(cfg["model_type"], family, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                     int(cfg.get("num_key_value_heads") or heads), cfg["intermediate_size"], int(cfg.get("vocab_size") or 0))
+
+    def with_overrides(self, arch: Any) -> Shape:
+        if not isinstance(arch, dict):
+            return self
+        given = {k: v for k, v in arch.items() if isinstance(v, int)}
+        if "num_heads" in given and "num_kv_heads" not in given:
+            given["num_kv_heads"] = given["num_heads"]
+        return replace(self, **given)
+
+    def model_shape(self, num_labels: int | None) -> Any:
+        from gkd.methods import ModelShape
+
+        return ModelShape(self.family, self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads,
+                          self.ffn_hidden_size, self.vocab_size, num_labels)
 
 
 class _Checker:
@@ -56,7 +71,8 @@ class _Checker:
         self.base_dir = base_dir
         self.registry = registry
         self.issues: list[ConfigIssue] = []
-        self.teacher_shapes: dict[str, dict[str, Any]] = {}
+        self.shapes: dict[str, Shape] = {}
+        """Teacher name -> shape (defined teachers, then published ones as stages go)."""
 
     def add(self, path: str, message: str) -> None:
         self.issues.append(ConfigIssue(path, message))
@@ -76,38 +92,49 @@ class _Checker:
             return None
         return p
 
-    def checkpoint_shape(self, value: Any, where: str) -> dict[str, Any] | None:
+    def checkpoint_shape(self, value: Any, where: str) -> Shape | None:
         p = self.path(value, where, kind="checkpoint directory")
         if p is None:
             return None
-        cfg = p / "config.json"
-        if not cfg.is_file():
+        cfg_path = p / "config.json"
+        if not cfg_path.is_file():
             self.add(where, f"{p} has no config.json (expected a Hugging Face checkpoint directory)")
             return None
         try:
-            shape = _shape_from_hf(json.loads(cfg.read_text()))
+            cfg = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            self.add(where, f"cannot read {cfg}: {exc}")
+            self.add(where, f"cannot read {cfg_path}: {exc}")
             return None
-        if shape["model_type"] not in ENCODER_TYPES | DECODER_TYPES:
-            self.add(where, f"model_type '{shape['model_type']}' in {cfg} is not supported "
-                            f"(gkd reads {', '.join(sorted(ENCODER_TYPES | DECODER_TYPES))})")
-            return None
+        shape = Shape.from_hf(cfg) if isinstance(cfg, dict) else None
+        if shape is None:
+            model_type = cfg.get("model_type", "?") if isinstance(cfg, dict) else "?"
+            supported = ", ".join(sorted(resolve.ENCODER_TYPES | resolve.DECODER_TYPES))
+            self.add(where, f"model_type '{model_type}' in {cfg_path} is not supported (gkd reads {supported})"
+                     if resolve.family_of(str(model_type)) is None else f"{cfg_path} lacks layer/width/head counts")
         return shape
+
+    def teacher_ref(self, name: Any, where: str, available: tuple[str, ...] | list[str]) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name not in available:
+            hint = closest(name, sorted(available))
+            self.add(where, f"unknown teacher '{name}'" + (f"; did you mean '{hint}'?" if hint
+                                                            else f" (teachers: {', '.join(sorted(available)) or 'none'})"))
+            return False
+        return True
 
     # ------------------------------------------------------------------ sections
 
     def run(self) -> None:
         raw = self.raw
         self.issues.extend(schema_issues(run_schema(), raw))
-        teachers = raw.get("teachers") if isinstance(raw.get("teachers"), list) else []
-        self.check_teachers(teachers)
+        self.check_teachers(raw.get("teachers") if isinstance(raw.get("teachers"), list) else [])
         self.check_data(raw.get("data"), "data")
         student = raw.get("student") if isinstance(raw.get("student"), dict) else {}
-        student_shape = self.check_student_init(student.get("init"), "student.init", student.get("architecture"))
-        stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-        self.check_stages(stages)
-        self.check_parallel(raw.get("parallel"), student_shape)
+        arch = student.get("architecture")
+        shape = self.check_student_init(student.get("init"), "student.init", arch, tuple(resolve.defined_teachers(raw)))
+        student_shapes = self.check_stages(shape, arch)
+        self.check_parallel(raw.get("parallel"), student_shapes)
         self.check_task(raw.get("task"))
 
     def check_teachers(self, teachers: list[Any]) -> None:
@@ -120,7 +147,7 @@ class _Checker:
             seen.add(t["name"])
             shape = self.checkpoint_shape(t.get("path"), f"teachers[{i}].path")
             if shape is not None:
-                self.teacher_shapes[t["name"]] = shape
+                self.shapes[t["name"]] = shape
 
     def check_data(self, data: Any, where: str) -> None:
         if not isinstance(data, dict):
@@ -130,14 +157,12 @@ class _Checker:
             if isinstance(ds, dict):
                 self.path(ds.get("path"), f"{where}.{split}.path", kind="data file")
 
-    def check_student_init(self, init: Any, where: str, arch: Any, published: set[str] | None = None) -> dict[str, Any] | None:
-        """Check a student_init block; returns the student's expected shape when known.
-
-        ``published``: teachers published by earlier stages (their shape is not known yet)."""
+    def check_student_init(self, init: Any, where: str, arch: Any, available: tuple[str, ...]) -> Shape | None:
+        """Check a student_init block; returns the student's shape when it can be known."""
         if not isinstance(init, dict):
             return None
         strategy = init.get("strategy")
-        shape: dict[str, Any] | None = None
+        shape: Shape | None = None
         if strategy in ("pretrained", "run"):
             if "path" not in init:
                 self.add(where, f"strategy '{strategy}' needs 'path'")
@@ -145,8 +170,11 @@ class _Checker:
                 shape = self.checkpoint_shape(init["path"], f"{where}.path")
             else:
                 run_dir = self.path(init["path"], f"{where}.path", kind="run directory")
-                if run_dir is not None and not (run_dir / "export" / "config.json").is_file():
-                    self.add(f"{where}.path", f"{run_dir} holds no exported student (export/config.json); run it to the end first")
+                if run_dir is not None:
+                    if not (run_dir / "export" / "config.json").is_file():
+                        self.add(f"{where}.path", f"{run_dir} holds no exported student (export/config.json); run it to the end first")
+                    else:
+                        shape = self.checkpoint_shape(str(run_dir / "export"), f"{where}.path")
         elif strategy in ("truncate", "random"):
             name = init.get("teacher")
             if name is None and strategy == "truncate":
@@ -154,55 +182,37 @@ class _Checker:
             elif name is None and "path" not in init:
                 self.add(where, "strategy 'random' needs 'teacher' or 'path' to take the model shape from")
             elif name is not None:
-                shape = self.teacher_ref(name, f"{where}.teacher", published)
-                if shape is not None:
-                    shape = dict(shape)
+                if self.teacher_ref(name, f"{where}.teacher", available):
+                    shape = self.shapes.get(name)
             else:
                 shape = self.checkpoint_shape(init["path"], f"{where}.path")
             if shape is not None:
-                layers = init.get("layers", "uniform")
-                depth = init.get("num_layers") or (arch or {}).get("num_layers")
-                total = shape["num_layers"]
-                if isinstance(layers, list):
-                    bad = [x for x in layers if isinstance(x, int) and not 0 <= x < total]
-                    if bad:
-                        self.add(f"{where}.layers", f"layer indices {bad} are out of range for a {total}-layer teacher (0..{total - 1})")
-                    if depth is not None and depth != len(layers):
-                        self.add(f"{where}.num_layers", f"{depth} does not match the {len(layers)} layers listed in layers")
-                    depth = len(layers)
-                elif strategy == "truncate" and depth is None:
-                    self.add(where, "strategy 'truncate' with layers 'bottom'/'uniform' needs num_layers (or student.architecture.num_layers)")
-                elif isinstance(depth, int) and isinstance(total, int) and depth > total and strategy == "truncate":
-                    self.add(f"{where}.num_layers", f"{depth} layers cannot be truncated from a {total}-layer teacher")
-                if depth is not None:
-                    shape["num_layers"] = depth
-        if shape is not None and isinstance(arch, dict):
-            shape.update({k: v for k, v in arch.items() if isinstance(v, int)})
-            if "num_heads" in arch and "num_kv_heads" not in arch:
-                shape["num_kv_heads"] = arch["num_heads"]
-        return shape
+                shape = self._depth(init, where, strategy, shape, arch)
+        return shape.with_overrides(arch) if shape is not None else None
 
-    def teacher_ref(self, name: Any, where: str, available: set[str] | None = None) -> dict[str, Any] | None:
-        known = set(self.defined_teachers()) | (available or set())
-        if not isinstance(name, str):
-            return None
-        if name not in known:
-            hint = closest(name, sorted(known))
-            self.add(where, f"unknown teacher '{name}'" + (f"; did you mean '{hint}'?" if hint else f" (teachers: {', '.join(sorted(known)) or 'none'})"))
-            return None
-        return self.teacher_shapes.get(name)
+    def _depth(self, init: dict[str, Any], where: str, strategy: str, shape: Shape, arch: Any) -> Shape:
+        layers = init.get("layers", "strided")
+        depth = init.get("num_layers") or (arch.get("num_layers") if isinstance(arch, dict) else None)
+        total = shape.num_layers
+        if isinstance(layers, list):
+            bad = [x for x in layers if isinstance(x, int) and not 0 <= x < total]
+            if bad:
+                self.add(f"{where}.layers", f"layer indices {bad} are out of range for a {total}-layer teacher (0..{total - 1})")
+            if depth is not None and depth != len(layers):
+                self.add(f"{where}.num_layers", f"{depth} does not match the {len(layers)} layers listed in layers")
+            depth = len(layers)
+        elif strategy == "truncate" and depth is None:
+            self.add(where, "strategy 'truncate' with layers 'bottom'/'strided' needs num_layers (or student.architecture.num_layers)")
+        elif isinstance(depth, int) and depth > total and strategy == "truncate":
+            self.add(f"{where}.num_layers", f"{depth} layers cannot be truncated from a {total}-layer teacher")
+        return replace(shape, num_layers=depth) if isinstance(depth, int) else shape
 
-    def defined_teachers(self) -> list[str]:
-        ts = self.raw.get("teachers")
-        return [t["name"] for t in ts if isinstance(t, dict) and isinstance(t.get("name"), str)] if isinstance(ts, list) else []
-
-    def check_stages(self, stages: list[Any]) -> None:
-        published: set[str] = set()
+    def check_stages(self, student: Shape | None, arch: Any) -> list[Shape]:
+        """Check every stage; returns every student shape the run goes through."""
+        seen_shapes = [student] if student is not None else []
         names: set[str] = set()
-        for i, stage in enumerate(stages):
-            where = f"stages[{i}]"
-            if not isinstance(stage, dict):
-                continue
+        for view in resolve.stages(self.raw):
+            stage, where = view.raw, f"stages[{view.index}]"
             name = stage.get("name")
             if isinstance(name, str):
                 if name in names:
@@ -210,35 +220,35 @@ class _Checker:
                 names.add(name)
             if ("steps" in stage) == ("epochs" in stage):
                 self.add(where, "give exactly one of 'steps' or 'epochs'")
-            available = set(self.defined_teachers()) | published
-            stage_teachers = stage.get("teachers")
-            if isinstance(stage_teachers, list):
-                for k, t in enumerate(stage_teachers):
-                    self.teacher_ref(t, f"{where}.teachers[{k}]", published)
-                used = [t for t in stage_teachers if isinstance(t, str)]
-            else:
-                used = sorted(available)
-            train = stage.get("train", "student")
+            if isinstance(stage.get("teachers"), list):
+                for k, t in enumerate(stage["teachers"]):
+                    self.teacher_ref(t, f"{where}.teachers[{k}]", view.available)
+            if isinstance(stage.get("student_init"), dict):
+                student = self.check_student_init(stage["student_init"], f"{where}.student_init", arch, view.available)
+                if student is not None:
+                    seen_shapes.append(student)
             methods = stage.get("methods") if isinstance(stage.get("methods"), list) else []
+            train = stage.get("train", "student")
             if isinstance(train, str) and train != "student":
                 if not train.startswith("teacher:"):
                     self.add(f"{where}.train", f"'{train}' must be 'student' or 'teacher:NAME'")
                 else:
-                    self.teacher_ref(train.split(":", 1)[1], f"{where}.train")
+                    self.teacher_ref(train.split(":", 1)[1], f"{where}.train", view.available)
                     if methods:
                         self.add(f"{where}.methods", "a stage that fine-tunes a teacher is plain training: remove its methods")
-            self.check_methods(methods, where, stage.get("kind", "task"), used)
+            self.check_methods(methods, where, stage.get("kind", "task"), view.teachers, student)
             if isinstance(stage.get("data"), dict):
                 self.check_data(stage["data"], f"{where}.data")
-            if isinstance(stage.get("student_init"), dict):
-                self.check_student_init(stage["student_init"], f"{where}.student_init", None, published)
             pub = stage.get("publish_as_teacher")
             if isinstance(pub, str):
-                if pub in available:
+                if pub in view.available:
                     self.add(f"{where}.publish_as_teacher", f"a teacher named '{pub}' already exists")
-                published.add(pub)
+                elif student is not None:
+                    self.shapes[pub] = student
+        return seen_shapes
 
-    def check_methods(self, methods: list[Any], where: str, stage_kind: Any, stage_teachers: list[str]) -> None:
+    def check_methods(self, methods: list[Any], where: str, stage_kind: Any, stage_teachers: list[str],
+                      student: Shape | None) -> None:
         for k, entry in enumerate(methods):
             mwhere = f"{where}.methods[{k}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or self.registry is None:
@@ -249,25 +259,44 @@ class _Checker:
                 self.add(f"{mwhere}.name", str(exc))
                 continue
             config = entry.get("config", {})
-            if isinstance(config, dict):
-                self.issues.extend(schema_issues(spec.config_schema, config, prefix=f"{mwhere}.config"))
+            config_ok = isinstance(config, dict) and not (issues := schema_issues(spec.config_schema, config, prefix=f"{mwhere}.config"))
+            if isinstance(config, dict) and not config_ok:
+                self.issues.extend(issues)
             if isinstance(stage_kind, str) and stage_kind not in spec.stages:
                 self.add(f"{mwhere}.name", f"method '{spec.name}' applies to {'/'.join(spec.stages)} stages, not to a '{stage_kind}' stage")
-            teachers = entry.get("teachers", stage_teachers)
-            if isinstance(teachers, list):
-                for t_i, t in enumerate(entry.get("teachers", [])):
-                    if isinstance(t, str) and t not in stage_teachers:
-                        self.add(f"{mwhere}.teachers[{t_i}]", f"teacher '{t}' is not used by this stage (stage teachers: {', '.join(stage_teachers) or 'none'})")
-                n = len(teachers)
-                if spec.kind == "multi-teacher" and n < 2:
-                    self.add(f"{mwhere}.name", f"multi-teacher method '{spec.name}' needs at least 2 teachers, this stage gives it {n}")
-                elif spec.kind == "single-teacher" and n > 1:
-                    self.add(f"{mwhere}.teachers", f"single-teacher method '{spec.name}' reads one teacher, this stage gives it {n}"
-                             f" ({', '.join(map(str, teachers))}); list the one to use in methods[{k}].teachers")
-                elif n == 0:
-                    self.add(f"{mwhere}.name", f"method '{spec.name}' needs a teacher, this stage has none")
+            for t_i, t in enumerate(entry.get("teachers", []) if isinstance(entry.get("teachers"), list) else []):
+                if isinstance(t, str) and t not in stage_teachers:
+                    self.add(f"{mwhere}.teachers[{t_i}]", f"teacher '{t}' is not used by this stage (stage teachers: {', '.join(stage_teachers) or 'none'})")
+            teachers = resolve.method_teachers(entry, stage_teachers)
+            n = len(teachers)
+            if spec.kind == "multi-teacher" and n < 2:
+                self.add(f"{mwhere}.name", f"multi-teacher method '{spec.name}' needs at least 2 teachers, this stage gives it {n}")
+            elif spec.kind == "single-teacher" and n > 1:
+                self.add(f"{mwhere}.teachers", f"single-teacher method '{spec.name}' reads one teacher, this stage gives it {n}"
+                         f" ({', '.join(teachers)}); list the one to use in methods[{k}].teachers")
+            elif n == 0:
+                self.add(f"{mwhere}.name", f"method '{spec.name}' needs a teacher, this stage has none")
+            elif config_ok and student is not None and all(t in self.shapes for t in teachers):
+                self.check_features(spec, apply_defaults(spec.config_schema, config), mwhere, stage_kind, student, teachers)
 
-    def check_parallel(self, parallel: Any, student_shape: dict[str, Any] | None) -> None:
+    def check_features(self, spec: Any, config: dict[str, Any], where: str, stage_kind: Any, student: Shape,
+                       teachers: list[str]) -> None:
+        """The method's declared features and shape rules against the models' shapes."""
+        from gkd.methods import MethodContext
+        from gkd.methods.checks import check_features
+
+        task = self.raw.get("task") if isinstance(self.raw.get("task"), dict) else {}
+        labels = task.get("num_labels") if task.get("type") == "sequence_classification" else None
+        parallel = self.raw.get("parallel") if isinstance(self.raw.get("parallel"), dict) else {}
+        context = MethodContext(student=student.model_shape(labels),
+                                teachers={t: self.shapes[t].model_shape(labels) for t in teachers},
+                                task=str(task.get("type", "")), stage_kind=str(stage_kind),
+                                tensor_parallel=int(parallel.get("tensor_parallel", 1)))
+        for issue in check_features(spec, config, context):
+            field = f"{where}.config.{issue.field}" if issue.field else f"{where}.name"
+            self.add(field, issue.message)
+
+    def check_parallel(self, parallel: Any, student_shapes: list[Shape]) -> None:
         parallel = parallel if isinstance(parallel, dict) else {}
         tp = parallel.get("tensor_parallel", 1)
         zero = parallel.get("zero") if isinstance(parallel.get("zero"), dict) else {}
@@ -275,94 +304,28 @@ class _Checker:
             self.add("parallel.zero.offload_param", f"parameter offload needs ZeRO stage 3 (stage is {zero.get('stage', 0)})")
         if not isinstance(tp, int) or tp <= 1:
             return
-        models = [(f"teacher '{n}'", s) for n, s in self.teacher_shapes.items()]
-        if student_shape is not None:
-            models.append(("the student", student_shape))
+        defined = set(resolve.defined_teachers(self.raw))
+        models = [(f"teacher '{n}'", s) for n, s in self.shapes.items() if n in defined]
+        models += [("the student", s) for s in dict.fromkeys(student_shapes)]
         for who, shape in models:
             for key, label in (("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"), ("ffn_hidden_size", "FFN width")):
-                value = shape.get(key)
-                if key == "num_kv_heads" and value == shape.get("num_heads"):
+                value = getattr(shape, key)
+                if key == "num_kv_heads" and value == shape.num_heads:
                     continue  # no grouped-query attention: already reported with the heads
-                if isinstance(value, int) and value % tp:
+                if value % tp:
                     self.add("parallel.tensor_parallel", f"{tp} must divide the {label} of {who} ({value})")
 
     def check_task(self, task: Any) -> None:
         if not isinstance(task, dict):
             return
-        wants = {"causal_lm": DECODER_TYPES, "masked_lm": ENCODER_TYPES}.get(task.get("type", ""))
+        wants = {"causal_lm": "decoder", "masked_lm": "encoder"}.get(task.get("type", ""))
         if wants is None:
             return
-        for name, shape in self.teacher_shapes.items():
-            if shape["model_type"] not in wants:
-                self.add("task.type", f"'{task['type']}' needs {'a decoder' if wants is DECODER_TYPES else 'an encoder'}; teacher '{name}' is a '{shape['model_type']}' model")
-
-
-# ---------------------------------------------------------------------------- building
-
-
-def _dataset(raw: dict[str, Any] | None, base: Path) -> DatasetConfig | None:
-    if raw is None:
-        return None
-    return DatasetConfig(resolve_path(raw["path"], base), raw["format"], raw["text_field"], raw["label_field"], raw.get("limit"))
-
-
-def _init(raw: dict[str, Any], base: Path) -> StudentInit:
-    layers = raw.get("layers", "uniform")
-    return StudentInit(
-        strategy=raw["strategy"],
-        path=resolve_path(raw["path"], base) if "path" in raw else None,
-        teacher=raw.get("teacher"),
-        layers=tuple(layers) if isinstance(layers, list) else layers,
-        num_layers=raw.get("num_layers"),
-    )
-
-
-def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: MethodRegistry | None,
-           source: Path | None) -> RunConfig:
-    """``raw`` is the defaulted config; ``user`` the config as written (stage overrides come
-    from it, so a stage's partial ``training`` block does not reset the top-level values)."""
-    available = [t["name"] for t in raw["teachers"]]
-    stages = []
-    for s, user_stage in zip(raw["stages"], user["stages"], strict=True):
-        stage_teachers = tuple(s.get("teachers", available))
-        methods = []
-        for m in s["methods"]:
-            schema = registry.get(m["name"]).spec.config_schema if registry is not None else {}
-            methods.append(MethodEntry(m["name"], float(m["weight"]), tuple(m.get("teachers", stage_teachers)),
-                                       apply_defaults(schema, m["config"])))
-        data = s.get("data", {})
-        stages.append(StageConfig(
-            name=s["name"], kind=s["kind"], train=s["train"], teachers=stage_teachers, methods=tuple(methods),
-            steps=s.get("steps"), epochs=s.get("epochs"),
-            train_data=_dataset(data.get("train"), base) or _dataset(raw["data"]["train"], base),  # type: ignore[arg-type]
-            eval_data=_dataset(data.get("eval"), base) or _dataset(raw["data"].get("eval"), base),
-            optimizer={**raw["optimizer"], **user_stage.get("optimizer", {})},
-            schedule={**raw["schedule"], **user_stage.get("schedule", {})},
-            training={**raw["training"], **user_stage.get("training", {})},
-            publish_as_teacher=s.get("publish_as_teacher"),
-            student_init=_init(s["student_init"], base) if "student_init" in s else None,
-        ))
-        if "publish_as_teacher" in s:  # later stages see the published teacher by default, as validation does
-            available.append(s["publish_as_teacher"])
-    zero = raw["parallel"]["zero"]
-    return RunConfig(
-        name=raw["name"],
-        run_dir=Path(raw["run_dir"]).expanduser(),
-        seed=raw["seed"],
-        task=raw["task"],
-        teachers=tuple(TeacherConfig(t["name"], resolve_path(t["path"], base), t["dtype"]) for t in raw["teachers"]),
-        student_init=_init(raw["student"]["init"], base),
-        student_architecture=dict(raw["student"].get("architecture", {})),
-        stages=tuple(stages),
-        parallel=ParallelConfig(raw["parallel"]["tensor_parallel"], ZeroConfig(zero["stage"], zero["offload_optimizer"], zero["offload_param"])),
-        checkpoint=raw["checkpoint"],
-        logging=raw["logging"],
-        export=raw["export"],
-        train_data=_dataset(raw["data"]["train"], base),  # type: ignore[arg-type]
-        test_data=_dataset(raw["data"].get("test"), base),
-        source=source,
-        raw=raw,
-    )
+        for name in resolve.defined_teachers(self.raw):
+            shape = self.shapes.get(name)
+            if shape is not None and shape.family != wants:
+                self.add("task.type", f"'{task['type']}' needs {'a decoder' if wants == 'decoder' else 'an encoder'}; "
+                                      f"teacher '{name}' is a '{shape.model_type}' model")
 
 
 def check_config(raw: dict[str, Any], base_dir: Path, registry: MethodRegistry | None) -> list[ConfigIssue]:
@@ -378,28 +341,4 @@ def _natural(path: str) -> list[tuple[int, Any]]:
     return [(0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.split(r"(\d+)", path)]
 
 
-def build_run_config(raw: dict[str, Any], *, base_dir: Path, registry: MethodRegistry | None = None,
-                     source: Path | None = None) -> RunConfig:
-    """Validate ``raw`` and return the typed config, or raise :class:`ConfigError` with all issues."""
-    issues = check_config(raw, base_dir, registry)
-    if issues:
-        raise ConfigError(issues, str(source) if source else None)
-    return _build(apply_defaults(run_schema(), copy.deepcopy(raw)), raw, base_dir, registry, source)
-
-
-def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-                    registry: MethodRegistry | None = None) -> RunConfig:
-    """Read, override (``--set``), validate and type a run config file.
-
-    ``registry`` defaults to the process-wide plugin manager's registry.
-    """
-    if registry is None:
-        from gkd.plugins.manager import get_plugin_manager
-
-        registry = get_plugin_manager().registry
-    source = Path(path)
-    raw = read_config_file(source)
-    issues = apply_overrides(raw, list(overrides))
-    if issues:
-        raise ConfigError(issues, str(source))
-    return build_run_config(raw, base_dir=source.resolve().parent, registry=registry, source=source)
+__all__ = ["Shape", "check_config"]

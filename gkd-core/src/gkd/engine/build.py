@@ -34,7 +34,7 @@ def build_methods(run: RunConfig, stage: StageConfig, registry: MethodRegistry, 
         if entry.name in selected:
             raise GkdError(f"stage '{stage.name}' selects method '{entry.name}' twice")
         context = MethodContext(student=student, teachers={t: teachers[t] for t in entry.teachers},
-                                task=run.task["type"], stage_kind=stage.kind, tensor_parallel=run.parallel.tensor_parallel)
+                                task=run.task.type, stage_kind=stage.kind, tensor_parallel=run.parallel.tensor_parallel)
         method = spec.factory(entry.config, context)
         selected[entry.name] = SelectedMethod(method, entry.weight, method.initial_state())
     return selected

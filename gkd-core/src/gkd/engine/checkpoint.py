@@ -24,10 +24,8 @@ intact, and :func:`find_latest` only considers directories with a ``COMPLETE`` m
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Mapping
@@ -35,267 +33,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from gkd.atomic import atomic_write, atomic_write_bytes, fsync_dir
-from gkd.errors import GkdError
+from gkd.atomic import atomic_write_bytes, fsync_dir
+from gkd.engine.serialize import (
+    _RNG_META,
+    FORMAT_VERSION,
+    CheckpointError,
+    capture_rng_state,
+    decode_state,
+    encode_state,
+    flatten_optimizer_state,
+    load_tensors,
+    restore_rng_state,
+    unflatten_optimizer_state,
+    write_safetensors,
+)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-FORMAT_VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _LEFTOVER = re.compile(r"^step-\d{8,}\.(?:tmp|old)-(\d+)$")
-_ALIASES = "gkd.aliases"
-_RNG_META = "gkd.rng"
 
 
-class CheckpointError(GkdError):
-    """A checkpoint cannot be written, is damaged, or does not fit what it is loaded into."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Safetensors files (atomic writes come from gkd.atomic)
-# ---------------------------------------------------------------------------------------------
-
-def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CPU, contiguous, unshared tensors for safetensors, plus ``{alias: name}`` for tied ones.
-
-    safetensors refuses tensors that share memory (tied embeddings); identical views are saved
-    once and restored as the same tensor, any other sharing is broken by a copy.
-    """
-    out: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    views: dict[tuple[Any, ...], str] = {}
-    storages: set[tuple[str, int]] = set()
-    for name, tensor in tensors.items():
-        t = tensor.detach()
-        if t.numel():
-            storage = (str(t.device), t.untyped_storage().data_ptr())
-            view = (*storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            if view in views:
-                aliases[name] = views[view]
-                continue
-            views[view] = name
-            shared = storage in storages
-            storages.add(storage)
-        else:
-            shared = False
-        t = t.cpu()
-        if shared or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone(memory_format=torch.contiguous_format)
-        out[name] = t
-    return out, aliases
-
-
-def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
-                       metadata: Mapping[str, str] | None = None) -> None:
-    prepared, aliases = _prepare_tensors(tensors)
-    meta = dict(metadata or {})
-    if aliases:
-        meta[_ALIASES] = json.dumps(aliases)
-    save_file(prepared, str(path), metadata=meta or None)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
-                            metadata: Mapping[str, str] | None = None) -> None:
-    """Save ``tensors`` to ``path`` via a fsynced temporary file and a rename.
-
-    Tied tensors are stored once and come back tied from :func:`load_tensors`.
-    """
-    atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, metadata))
-
-
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and user metadata of a safetensors file (tied names restored); no pickle involved."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
-    for alias, name in json.loads(meta.pop(_ALIASES, "{}")).items():
-        tensors[alias] = tensors[name]
-    return tensors, meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Nested state ↔ (tensors, JSON)
-# ---------------------------------------------------------------------------------------------
-
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor] | None) -> Any:
-    """JSON skeleton of ``obj``; tensors go to ``tensors`` under their dotted path."""
-    if isinstance(obj, torch.Tensor):
-        if tensors is None:
-            raise CheckpointError(f"cannot store a tensor in JSON state (at '{path}')")
-        if path in tensors:
-            raise CheckpointError(f"two optimizer state entries map to the key '{path}'")
-        tensors[path] = obj
-        return {"__tensor__": path}
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, Mapping):
-        def sub(k: Any) -> str:
-            return f"{path}.{k}" if path else str(k)
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, sub(k), tensors) for k, v in obj.items()}
-        # Optimizer state is keyed by integer parameter ids, which JSON objects cannot keep.
-        return {"__items__": [[_encode(k, sub(k), None), _encode(v, sub(k), tensors)] for k, v in obj.items()]}
-    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint (at '{path}')")
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        try:
-            return tensors[obj["__tensor__"]]
-        except KeyError:
-            raise CheckpointError(f"optimizer tensor '{obj['__tensor__']}' is missing") from None
-    if "__tuple__" in obj:
-        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in obj["__items__"]}
-    return {k: _decode(v, tensors) for k, v in obj.items()}
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(_hashable(k) for k in key) if isinstance(key, list | tuple) else key
-
-
-def flatten_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an ``optimizer.state_dict()`` into tensors and a JSON-able rest.
-
-    Args:
-        state: The optimizer's state dict (``state`` keyed by parameter id, ``param_groups``).
-
-    Returns:
-        ``(tensors, meta)``: tensors keyed ``state.<param id>.<name>`` (AdamW's ``step``
-        included when it is a tensor), and the structure with every non-tensor value.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    meta = {"format": FORMAT_VERSION, "state_dict": _encode(dict(state), "", tensors)}
-    return tensors, meta
-
-
-def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer_state`: a dict for ``optimizer.load_state_dict``."""
-    return _decode(meta["state_dict"], tensors)
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG states
-# ---------------------------------------------------------------------------------------------
-
-def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Torch (CPU and every CUDA device), numpy and python RNG states as tensors plus JSON."""
-    tensors = {"torch.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch.cuda.{i}"] = s
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    version, internal, gauss_next = random.getstate()
-    tensors["python.state"] = torch.tensor(internal, dtype=torch.int64)
-    meta = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": version, "gauss_next": gauss_next},
-            "cuda_devices": sum(k.startswith("torch.cuda.") for k in tensors)}
-    return tensors, meta
-
-
-def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`; CUDA states only when the device count matches."""
-    torch.set_rng_state(tensors["torch.cpu"].to(torch.uint8))
-    cuda = [tensors[f"torch.cuda.{i}"] for i in range(int(meta.get("cuda_devices", 0)))]
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
-    n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = meta["python"]
-    random.setstate((p["version"], tuple(int(x) for x in tensors["python.state"].tolist()), p["gauss_next"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Teacher fingerprints
-# ---------------------------------------------------------------------------------------------
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        with open(path, "rb") as f:
-            _FILE_HASHES[key] = hashlib.file_digest(f, "sha256").hexdigest()
-    return _FILE_HASHES[key]
-
-
-def sha256_of_checkpoint(path: Path) -> str:
-    """Fingerprint of a model's weights: its weight files directly inside ``path``.
-
-    One weight file (or ``path`` being a file): that file's sha256, as ``sha256sum`` prints it.
-    Several (sharded checkpoints): the sha256 of their ``"<sha256>  <name>\\n"`` lines in name
-    order. File hashes are cached in memory by (path, size, mtime).
-
-    Raises:
-        CheckpointError: No weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``).
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    else:
-        raise CheckpointError(f"{path}: no such file or directory")
-    if not files:
-        raise CheckpointError(f"{path}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
-    if len(files) == 1:
-        return _file_sha256(files[0])
-    manifest = "".join(f"{_file_sha256(f)}  {f.name}\n" for f in files)
-    return hashlib.sha256(manifest.encode()).hexdigest()
-
-
-def teacher_references(teachers: Mapping[str, Path]) -> dict[str, dict[str, str]]:
-    """``{name: {"path": ..., "sha256": ...}}`` for ``state.json``."""
-    return {name: {"path": str(p), "sha256": sha256_of_checkpoint(Path(p))} for name, p in teachers.items()}
-
-
-def verify_teachers(saved: Mapping[str, Mapping[str, str]], current: Mapping[str, Mapping[str, str]]) -> None:
-    """Refuse to resume with teachers whose weights differ from those the checkpoint was trained with.
-
-    Raises:
-        CheckpointError: A teacher of the checkpoint is missing now or has other weights.
-    """
-    problems = []
-    for name, ref in saved.items():
-        now = current.get(name)
-        if now is None:
-            problems.append(f"teacher '{name}' is no longer configured")
-        elif now["sha256"] != ref["sha256"]:
-            problems.append(f"teacher '{name}' changed since the checkpoint ({ref['path']} sha256 "
-                            f"{ref['sha256'][:12]}…, now {now['path']} sha256 {now['sha256'][:12]}…)")
-    if problems:
-        raise CheckpointError("cannot resume: " + "; ".join(problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class CheckpointState:
@@ -420,16 +184,16 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, *, model: nn.Module |
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_safetensors(tmp / "model.safetensors", _state_dict(model))
-        _write_safetensors(tmp / "auxiliary.safetensors", _state_dict(auxiliary))
+        write_safetensors(tmp / "model.safetensors", _state_dict(model))
+        write_safetensors(tmp / "auxiliary.safetensors", _state_dict(auxiliary))
         if optimizer is not None:
             tensors, meta = flatten_optimizer_state(optimizer.state_dict())
-            _write_safetensors(tmp / "optimizer.safetensors", tensors)
+            write_safetensors(tmp / "optimizer.safetensors", tensors)
             _write_json(tmp / "optimizer.json", meta)
         if scheduler is not None:
-            _write_json(tmp / "scheduler.json", _encode(scheduler.state_dict(), "scheduler", None))
+            _write_json(tmp / "scheduler.json", encode_state(scheduler.state_dict(), "scheduler", None))
         rng_tensors, rng_meta = capture_rng_state()
-        _write_safetensors(tmp / "rng.safetensors", rng_tensors, {_RNG_META: json.dumps(rng_meta)})
+        write_safetensors(tmp / "rng.safetensors", rng_tensors, {_RNG_META: json.dumps(rng_meta)})
         try:
             _write_json(tmp / "state.json", state.to_dict())
         except (TypeError, ValueError) as e:
@@ -541,8 +305,9 @@ def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn
     if scheduler is not None:
         if not (path / "scheduler.json").is_file():
             raise CheckpointError(f"{path} holds no scheduler state")
-        scheduler.load_state_dict(_decode(_read_json(path / "scheduler.json"), {}))
+        scheduler.load_state_dict(decode_state(_read_json(path / "scheduler.json"), {}))
     if restore_rng:
         tensors, meta = load_tensors(path / "rng.safetensors")
         restore_rng_state(tensors, json.loads(meta[_RNG_META]))
     return CheckpointState.from_dict(_read_json(path / "state.json"))
+

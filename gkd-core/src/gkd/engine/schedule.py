@@ -14,11 +14,11 @@ optimizer step) is
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from gkd.config.run import ScheduleConfig
 
 SCHEDULE_TYPES = ("constant", "linear", "cosine")
 
@@ -48,23 +48,20 @@ class LRMultiplier:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 
 
-def warmup_steps_for(schedule_cfg: Mapping[str, Any], total_steps: int) -> int:
+def warmup_steps_for(schedule: ScheduleConfig, total_steps: int) -> int:
     """Warm-up length: ``warmup_steps`` if given, else ``ceil(warmup_ratio * total_steps)``."""
-    if schedule_cfg.get("warmup_steps") is not None:
-        return int(schedule_cfg["warmup_steps"])
-    return math.ceil(float(schedule_cfg.get("warmup_ratio", 0.1)) * total_steps)
+    if schedule.warmup_steps is not None:
+        return schedule.warmup_steps
+    return math.ceil(schedule.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg: Mapping[str, Any], total_steps: int) -> LambdaLR:
-    """A ``LambdaLR`` for ``total_steps`` optimizer steps following ``schedule_cfg``.
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, total_steps: int) -> LambdaLR:
+    """A ``LambdaLR`` for ``total_steps`` optimizer steps following ``schedule``.
 
     Args:
         optimizer: Its param groups' ``lr`` is the peak learning rate.
-        schedule_cfg: ``type`` (constant|linear|cosine, default linear), ``warmup_ratio``
-            (default 0.1), optional ``warmup_steps`` (overrides the ratio), ``min_lr_ratio``
-            (default 0).
+        schedule: Shape (constant|linear|cosine), warm-up and floor of the schedule.
         total_steps: Optimizer steps of the stage.
     """
-    multiplier = LRMultiplier(str(schedule_cfg.get("type", "linear")), warmup_steps_for(schedule_cfg, total_steps),
-                              total_steps, float(schedule_cfg.get("min_lr_ratio", 0.0)))
+    multiplier = LRMultiplier(schedule.type, warmup_steps_for(schedule, total_steps), total_steps, schedule.min_lr_ratio)
     return LambdaLR(optimizer, multiplier)

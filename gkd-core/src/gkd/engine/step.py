@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkd.engine.data import seeded_generator
 from gkd.engine.plan import MergedPass, merge_plans
 from gkd.methods.api import STUDENT, Method, ModelView, PassPlan, PassView, StepContext
-from gkd.methods.losses import task_loss_per_example
+from gkd.methods.losses import task_loss, task_loss_per_example
+from gkd.parallel.rng import seeded_generator
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_PASSES = 16
@@ -75,9 +75,12 @@ def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping
         grad = key == STUDENT or req.grad or teacher_grad
         out, feats = _run_model(models[key], batch, req.features, req.composed_operations(), grad)
         has_head = out.logits is not None
-        per_example = task_loss_per_example(out.logits, labels) if labels is not None and has_head else None
-        results[key] = ModelView(feats, out.logits, per_example.mean() if per_example is not None else None,
-                                    per_example)
+        with_labels = labels is not None and has_head
+        # The hard loss: one mean over all labelled tokens of the batch (or over examples), the
+        # convention evaluation uses too; the per-example means serve per-sample weighting.
+        results[key] = ModelView(feats, out.logits,
+                                 task_loss(out.logits, labels) if with_labels else None,
+                                 task_loss_per_example(out.logits, labels) if with_labels else None)
     return results
 
 

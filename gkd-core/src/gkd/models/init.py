@@ -4,14 +4,15 @@ Four ways to start a student (GKD paper §6 / GLMKD ``--load-pretrained``,
 ``--student_truncate_tn``):
 
 * :func:`random_student` — random weights (megatron init, seeded);
-* :func:`pretrained_student` — an HF checkpoint; heads the checkpoint lacks start random;
-* :func:`distilled_student` — another run's exported student (an HF checkpoint too);
-* :func:`truncated_student` — layers picked from a teacher (bottom-k, uniform stride or an
+* :func:`pretrained_student` — an HF checkpoint (another run's export is one too); heads
+  the checkpoint lacks start random;
+* :func:`truncated_student` — layers picked from a teacher (bottom-k, strided or an
   explicit list); where the student is narrower (hidden size, heads, FFN, vocabulary) each
   tensor keeps its *leading* slice in every dimension (in HF layout, so with an unchanged
   head size the first heads are kept).
 
-:func:`init_student` dispatches on a :class:`StudentInit` (what a run config describes).
+:func:`gkd.engine.assets.RunAssets.build_student` chooses one of them from a run config's
+``student.init`` (:class:`gkd.config.StudentInit`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,8 +38,7 @@ from gkd.models.checkpoint import (
 from gkd.models.config import ModelConfig
 from gkd.models.model import GkdModel, build_model
 
-LayerSelection = Literal["bottom", "uniform"] | Sequence[int]
-InitMethod = Literal["random", "pretrained", "distilled", "truncate"]
+LayerSelection = Literal["bottom", "strided"] | Sequence[int]
 
 _LAYER_KEY = re.compile(r"^(encoder\.layer|layers)\.(\d+)\.")
 
@@ -50,7 +49,7 @@ def select_teacher_layers(num_teacher: int, num_student: int, strategy: LayerSel
     Args:
         num_teacher: Teacher depth ``T``.
         num_student: Student depth ``S`` (``S <= T``).
-        strategy: ``"bottom"`` → ``[0, 1, …, S-1]`` (PKD, Theseus); ``"uniform"`` →
+        strategy: ``"bottom"`` → ``[0, 1, …, S-1]`` (PKD, Theseus); ``"strided"`` →
             ``[floor(j·T/S)]`` (12→6 gives ``[0, 2, 4, 6, 8, 10]``, DistilBERT); or an explicit
             list of ``S`` teacher indices.
     """
@@ -58,10 +57,10 @@ def select_teacher_layers(num_teacher: int, num_student: int, strategy: LayerSel
         raise ValueError(f"student has more layers ({num_student}) than the teacher ({num_teacher})")
     if strategy == "bottom":
         return list(range(num_student))
-    if strategy == "uniform":
+    if strategy == "strided":
         return [j * num_teacher // num_student for j in range(num_student)]
     if isinstance(strategy, str):
-        raise ValueError(f"layer strategy ({strategy!r}) must be 'bottom', 'uniform' or a list of indices")
+        raise ValueError(f"layer strategy ({strategy!r}) must be 'bottom', 'strided' or a list of indices")
     layers = [int(i) for i in strategy]
     if len(layers) != num_student or not all(0 <= i < num_teacher for i in layers):
         raise ValueError(
@@ -90,13 +89,6 @@ def pretrained_student(
     report = load_hf_weights(model, path, strict=False)
     _check_backbone(report, str(path))
     return model
-
-
-def distilled_student(
-    path: str | os.PathLike[str], cfg: ModelConfig | None = None, *, seed: int = 0
-) -> GkdModel:
-    """A student from another run's :func:`~gkd.models.checkpoint.export_hf` directory."""
-    return pretrained_student(path, cfg, seed=seed)
 
 
 def _check_backbone(report: LoadReport, origin: str) -> None:
@@ -179,54 +171,8 @@ def truncated_student(
     return student
 
 
-@dataclass(frozen=True)
-class StudentInit:
-    """How to initialise a student (the ``student.init`` section of a run)."""
-
-    method: InitMethod = "random"
-    """``random``, ``pretrained``, ``distilled`` or ``truncate``."""
-    path: str | None = None
-    """Checkpoint directory (pretrained / distilled), or the teacher directory for ``truncate``
-    when no teacher model is passed."""
-    layers: LayerSelection = "bottom"
-    """Teacher layer selection for ``truncate``."""
-    seed: int = 0
-    """Seed of every random initialisation."""
-
-
-def init_student(cfg: ModelConfig | None, how: StudentInit, *, teacher: GkdModel | None = None) -> GkdModel:
-    """Build a student according to ``how``.
-
-    Args:
-        cfg: Student architecture; may be ``None`` for ``pretrained`` / ``distilled``
-            (taken from the checkpoint).
-        how: The method and its parameters.
-        teacher: Teacher model for ``truncate`` (else ``how.path`` is read).
-    """
-    if how.method == "random":
-        if cfg is None:
-            raise ValueError("random initialisation needs a ModelConfig")
-        return random_student(cfg, seed=how.seed)
-    if how.method in ("pretrained", "distilled"):
-        if how.path is None:
-            raise ValueError(f"{how.method} initialisation needs a checkpoint path")
-        return pretrained_student(how.path, cfg, seed=how.seed)
-    if how.method == "truncate":
-        if cfg is None:
-            raise ValueError("truncate initialisation needs the student's ModelConfig")
-        source = teacher if teacher is not None else how.path
-        if source is None:
-            raise ValueError("truncate initialisation needs a teacher model or a teacher checkpoint path")
-        return truncated_student(cfg, source, layers=how.layers, seed=how.seed)
-    raise ValueError(f"unknown init method {how.method!r}")
-
-
 __all__ = [
-    "InitMethod",
     "LayerSelection",
-    "StudentInit",
-    "distilled_student",
-    "init_student",
     "pretrained_student",
     "random_student",
     "select_teacher_layers",

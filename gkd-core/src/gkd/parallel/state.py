@@ -132,6 +132,20 @@ def tp_rank() -> int:
     return int(parallel_state.get_tensor_model_parallel_rank())
 
 
+def dp_rank() -> int:
+    """Rank of this process inside its data-parallel group (0 without parallel state)."""
+    from megatron.core import parallel_state
+
+    return int(parallel_state.get_data_parallel_rank()) if is_initialized() else 0
+
+
+def dp_world_size() -> int:
+    """Number of data-parallel ranks (1 without parallel state)."""
+    from megatron.core import parallel_state
+
+    return int(parallel_state.get_data_parallel_world_size()) if is_initialized() else 1
+
+
 def is_global_rank_zero() -> bool:
     """True on the process that writes files (rank 0, or no process group)."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -147,6 +161,8 @@ __all__ = [
     "DEFAULT_SEED",
     "barrier",
     "destroy",
+    "dp_rank",
+    "dp_world_size",
     "ensure_initialized",
     "find_free_port",
     "initialize",

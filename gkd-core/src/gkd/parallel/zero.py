@@ -10,14 +10,13 @@ through :func:`megatron_mpu` so that gradient norms and clipping are TP-aware.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from gkd.config.run import ZeroConfig
+from gkd.config.run import OptimizerConfig, ZeroConfig
 
 
 def megatron_mpu() -> SimpleNamespace:
@@ -69,7 +68,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def initialize_engine(module: nn.Module, optimizer_cfg: Mapping[str, Any], scheduler_factory: Any,
+def initialize_engine(module: nn.Module, optimizer_cfg: OptimizerConfig, scheduler_factory: Any,
                       ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer, Any]:
     """Wrap ``module`` (student + auxiliary model) in a DeepSpeed engine.
 
@@ -83,8 +82,8 @@ def initialize_engine(module: nn.Module, optimizer_cfg: Mapping[str, Any], sched
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1:
         os.environ.setdefault("LOCAL_RANK", "0")
     optimizer = torch.optim.AdamW(
-        param_groups(module, optimizer_cfg["weight_decay"]), lr=optimizer_cfg["lr"],
-        betas=tuple(optimizer_cfg["betas"]), eps=optimizer_cfg["eps"],
+        param_groups(module, optimizer_cfg.weight_decay), lr=optimizer_cfg.lr, betas=optimizer_cfg.betas,
+        eps=optimizer_cfg.eps,
     )
     scheduler = scheduler_factory(optimizer)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(

@@ -1,0 +1,206 @@
+"""The training loop of one stage, written once for teacher fine-tuning, plain training and
+distillation: micro-batches through :func:`gkd.engine.step.distill_step`, DeepSpeed's
+backward/step, method ``after_step``, metrics, evaluation, checkpoints and ``stop_after``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gkd import parallel
+from gkd.config.run import RunConfig, StageConfig
+from gkd.engine import checkpoint as ckpt
+from gkd.engine.data import BatchIterator, TaskDataset
+from gkd.engine.evaluate import Evaluation, evaluate
+from gkd.engine.fingerprint import teacher_references
+from gkd.engine.metrics import MetricsLogger
+from gkd.engine.progress import StageProgress
+from gkd.engine.resume import ResumePoint, restore_training
+from gkd.engine.schedule import build_scheduler
+from gkd.engine.step import SelectedMethod, distill_step, step_context
+from gkd.errors import GkdError
+from gkd.parallel.placement import Placement
+from gkd.parallel.rng import megatron_rng_states
+from gkd.parallel.zero import deepspeed_config, initialize_engine
+
+
+class TrainingInterrupted(Exception):
+    """Raised by ``stop_after``: the run stopped on purpose after a checkpoint."""
+
+
+@dataclass
+class RunProgress:
+    """Where the run is; the loop advances it, checkpoints record it."""
+
+    global_step: int = 0
+
+
+class Trainable(nn.Module):
+    """Student + auxiliary model: the one module DeepSpeed optimises, shards and checkpoints."""
+
+    def __init__(self, student: nn.Module, auxiliary: nn.ModuleDict) -> None:
+        super().__init__()
+        self.student = student
+        self.auxiliary = auxiliary
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # DeepSpeed requires one; the step calls the parts
+        return self.student(*args, **kwargs)
+
+
+@dataclass
+class Checkpointer:
+    """Writes the student stages' checkpoints (teacher fine-tuning is not checkpointed)."""
+
+    run: RunConfig
+    teacher_paths: Callable[[], dict[str, Path]]
+    """The teachers' current directories (fine-tuned and published ones included)."""
+    labels: Callable[[], list[str] | None]
+
+    @property
+    def saves_optimizer(self) -> bool:
+        # ZeRO 1-3 partition the optimizer state inside DeepSpeed objects that gkd does not
+        # serialise yet (DeepSpeed's own format pickles); ZeRO 0 holds it in the torch optimizer.
+        return self.run.parallel.zero.stage == 0
+
+    def due(self, global_step: int) -> bool:
+        every = self.run.checkpoint.every_steps
+        return bool(every) and global_step % every == 0
+
+    def save(self, stage_index: int, stage_iteration: int, global_step: int, *, model: nn.Module, auxiliary: nn.Module,
+             optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod]) -> None:
+        paths = self.teacher_paths()
+        state = ckpt.CheckpointState(
+            global_step=global_step, stage_index=stage_index, stage_iteration=stage_iteration,
+            data_position=iterator.state_dict(), method_states={n: s.state for n, s in methods.items()},
+            teachers=teacher_references(paths),
+            extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "megatron_rng": megatron_rng_states(),
+                   "labels": self.labels(), "optimizer_saved": self.saves_optimizer},
+        )
+        ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary,
+                             optimizer=optimizer if self.saves_optimizer else None, scheduler=scheduler,
+                             config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
+
+
+@dataclass
+class StageJob:
+    """One stage, ready to train."""
+
+    index: int
+    stage: StageConfig
+    model: nn.Module
+    """What the optimizer updates (the student, or the teacher being fine-tuned)."""
+    models: Mapping[str, nn.Module]
+    """Every model the methods may run, keyed ``student`` / ``teacher:NAME``."""
+    train_data: TaskDataset
+    eval_data: TaskDataset | None = None
+    methods: dict[str, SelectedMethod] = field(default_factory=dict)
+    checkpointer: Checkpointer | None = None
+
+
+@dataclass
+class LoopIO:
+    """Where the loop reports: human lines, metrics (rank 0 only), progress display, early stop."""
+
+    echo: Callable[[str], None]
+    metrics: MetricsLogger | None
+    progress_bar: bool
+    stop_after: int | None = None
+
+
+def stage_steps(stage: StageConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of a stage: ``steps``, or ``epochs`` worth of (accumulated) batches."""
+    if stage.steps is not None:
+        return stage.steps
+    assert stage.epochs is not None
+    return max(1, math.ceil(stage.epochs * batches_per_epoch / stage.training.grad_accum))
+
+
+def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement: Placement, io: LoopIO,
+                resume: ResumePoint | None = None) -> Evaluation | None:
+    """Train one stage to its end (or to ``stop_after``); returns the end-of-stage evaluation.
+
+    Raises:
+        TrainingInterrupted: ``stop_after`` was reached (after a checkpoint).
+    """
+    stage, training = job.stage, job.stage.training
+    if training.precision != "fp32" and placement.device.type != "cuda":
+        raise GkdError(f"stages[{job.index}].training.precision: '{training.precision}' needs CUDA; use fp32 on CPU")
+    iterator = BatchIterator(job.train_data, training.batch_size, seed=run.seed, rank=parallel.dp_rank(),
+                             world_size=parallel.dp_world_size())
+    total = stage_steps(stage, iterator.batches_per_epoch)
+    auxiliary = placement.model(nn.ModuleDict({name: sel.method for name, sel in job.methods.items()}))
+    ds_config = deepspeed_config(micro_batch=training.batch_size, grad_accum=training.grad_accum,
+                                 max_grad_norm=training.max_grad_norm, precision=training.precision,
+                                 zero=run.parallel.zero, data_parallel=parallel.dp_world_size())
+    engine, optimizer, scheduler = initialize_engine(
+        Trainable(job.model, auxiliary), stage.optimizer, lambda opt: build_scheduler(opt, stage.schedule, total),
+        ds_config)
+    start = 0
+    if resume is not None:
+        if not resume.optimizer_saved:
+            io.echo(f"[{stage.name}] the checkpoint holds no optimizer state (ZeRO stage {run.parallel.zero.stage}): "
+                    f"Adam moments restart at step {resume.state.stage_iteration}")
+        start = restore_training(resume, model=job.model, auxiliary=auxiliary, optimizer=optimizer,
+                                 scheduler=scheduler, iterator=iterator, methods=job.methods)
+    job.model.train()
+    shown = StageProgress(total=total, start=start, desc=f"[{job.index + 1}/{len(run.stages)}] {stage.name}",
+                          bar=io.progress_bar and parallel.is_global_rank_zero(),
+                          every=run.logging.every_steps if parallel.is_global_rank_zero() else 0, echo=io.echo)
+    try:
+        for iteration in range(start, total):
+            contexts = {name: step_context(run.seed, stage.name, job.index, iterator.epoch, iteration, total, name)
+                        for name in job.methods}
+            sums: dict[str, float] = {}
+            loss_value = 0.0
+            for _ in range(training.grad_accum):
+                result = distill_step(job.models, job.methods, contexts, placement.batch(next(iterator)))
+                engine.backward(result.loss)
+                engine.step()
+                loss_value += float(result.loss.detach()) / training.grad_accum
+                for k, v in result.terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / training.grad_accum
+            for name, sel in job.methods.items():
+                own = {k.split(".", 1)[1]: v for k, v in sums.items() if k.startswith(name + ".")}
+                sel.method.after_step(contexts[name], sel.state, own)
+            progress.global_step += 1
+            step = iteration + 1
+            lr = float(optimizer.param_groups[0]["lr"])
+            if io.metrics is not None:
+                io.metrics.log_train(stage=stage.name, step=step, global_step=progress.global_step,
+                                     loss=loss_value, terms=sums, lr=lr)
+            shown.update(step, loss_value, lr)
+            done = step == total
+            if training.eval_every_steps and step % training.eval_every_steps == 0 and not done:
+                _evaluate(run, job, step, progress, placement, io)
+            stop = io.stop_after is not None and progress.global_step >= io.stop_after
+            if job.checkpointer is not None and (done or stop or job.checkpointer.due(progress.global_step)):
+                job.checkpointer.save(job.index, step, progress.global_step, model=job.model, auxiliary=auxiliary,
+                                      optimizer=optimizer, scheduler=scheduler, iterator=iterator, methods=job.methods)
+            if stop and not done:
+                raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
+    finally:
+        shown.close()
+    del engine
+    return _evaluate(run, job, total, progress, placement, io)
+
+
+def _evaluate(run: RunConfig, job: StageJob, step: int, progress: RunProgress, placement: Placement,
+              io: LoopIO) -> Evaluation | None:
+    if job.eval_data is None:
+        return None
+    ev = evaluate(job.model, job.eval_data, job.stage.training.eval_batch_size, placement, seed=run.seed)  # type: ignore[arg-type]
+    if io.metrics is not None:
+        io.metrics.log_eval(stage=job.stage.name, step=step, global_step=progress.global_step,
+                            metrics={ev.metric: ev.value, "loss": ev.loss})
+    io.echo(f"[{job.stage.name}] step {step} eval {ev.metric}: {ev.value:.4f}")
+    return ev
+
+
+__all__ = ["Checkpointer", "LoopIO", "RunProgress", "StageJob", "Trainable", "TrainingInterrupted", "stage_steps",
+           "train_stage"]

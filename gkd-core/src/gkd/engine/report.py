@@ -1,0 +1,96 @@
+"""The end of a run: evaluate every teacher and the student on the test split, export the
+student, plot the losses, write ``summary.json`` and format the table ``gkd distill`` prints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gkd import parallel
+from gkd.engine.assets import RunAssets
+from gkd.engine.data import TaskDataset
+from gkd.engine.evaluate import evaluate
+from gkd.engine.metrics import MetricsLogger, plot_losses
+from gkd.errors import GkdError
+from gkd.models import GkdModel, count_parameters, export_hf
+
+
+def _majority(data: TaskDataset) -> float:
+    labels = [int(data.collate([i])["labels"][0]) for i in range(len(data))]
+    return max(labels.count(c) for c in set(labels)) / max(len(labels), 1)
+
+
+def model_rows(assets: RunAssets, student: GkdModel | None) -> list[dict[str, Any]]:
+    """One row per teacher and the student: layers, parameters and, with a test split, the metric."""
+    run = assets.run
+    test = run.test_data
+    models: list[tuple[str, GkdModel]] = [(f"teacher:{t.name}", assets.teacher(t.name)) for t in run.teachers
+                                          if test is not None]
+    if student is not None:
+        models.append(("student", student))
+    batch_size = run.stages[-1].training.eval_batch_size
+    rows = []
+    for label, model in models:
+        row: dict[str, Any] = {"model": label, "parameters": count_parameters(model),
+                               "layers": model.model_config.num_layers}
+        if test is not None:
+            if model.model_config.head != run.task.head:
+                row["error"] = f"no {run.task.head} head"
+            else:
+                ev = evaluate(model, assets.dataset(test), batch_size, assets.placement, seed=run.seed)
+                row |= {ev.metric: ev.value, "eval_loss": ev.loss, "throughput": ev.throughput}
+        rows.append(row)
+    return rows
+
+
+def export_student(assets: RunAssets, student: GkdModel) -> Path:
+    """The student as a Hugging Face checkpoint (plus ``labels.json`` for classification)."""
+    out = assets.run.export.dir or assets.run.run_dir / "export"
+    export_hf(student, out, tokenizer_dir=assets.tokenizer_dir())
+    if assets.labels is not None and parallel.is_global_rank_zero():
+        assets.labels.save(out / "labels.json")
+    return out
+
+
+def finish_run(assets: RunAssets, student: GkdModel | None, *, global_step: int, seconds: float,
+               metrics: MetricsLogger | None) -> dict[str, Any]:
+    """Evaluate, export, plot and summarise; returns the summary (also ``summary.json``)."""
+    run = assets.run
+    if student is None and not all(s.trains_teacher for s in run.stages):
+        raise GkdError("internal: the run ended without a student")
+    summary: dict[str, Any] = {}
+    rows = model_rows(assets, student)
+    if run.test_data is not None and run.task.type == "sequence_classification":
+        summary["majority_baseline"] = _majority(assets.dataset(run.test_data))
+    export_dir = export_student(assets, student) if student is not None and run.export.enabled else None
+    plot = plot_losses(run.run_dir) if run.logging.plot and metrics is not None else None
+    summary |= {"name": run.name, "run_dir": str(run.run_dir), "global_step": global_step,
+                "seconds": round(seconds, 1), "models": rows,
+                "export": str(export_dir) if export_dir else None, "plot": str(plot) if plot else None,
+                "teachers": {k: str(v) for k, v in assets.teacher_paths.items()}}
+    if metrics is not None:
+        metrics.write_summary(summary)
+    return summary
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The end-of-run table: accuracy/perplexity, parameters and throughput per model."""
+    rows = summary["models"]
+    metric = next((k for k in ("accuracy", "perplexity") if any(k in r for r in rows)), None)
+    header = ["model", "layers", "parameters"] + ([metric, "examples/s"] if metric else [])
+    lines = [header]
+    for r in rows:
+        line = [r["model"], str(r["layers"]), f"{r['parameters'] / 1e6:.1f}M"]
+        if metric:
+            line += [f"{r[metric]:.4f}" if metric in r else r.get("error", "-"),
+                     f"{r['throughput']:.1f}" if "throughput" in r else "-"]
+        lines.append(line)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
+    if "majority_baseline" in summary:
+        text += f"\nmajority-class baseline accuracy: {summary['majority_baseline']:.4f}"
+    return text
+
+
+__all__ = ["export_student", "finish_run", "format_table", "model_rows"]
