@@ -68,3 +68,28 @@ def test_find_free_port_is_bindable() -> None:
     port = parallel.find_free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_library_use_leaves_torch_and_megatron_alone(tmp_path) -> None:
+    """Importing gkd, its public modules and checking a config patch nothing and import no
+    megatron-core: the CPU patches arrive only with the first megatron model or parallel state."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[3] / "examples" / "reuters-minilm" / "config.yaml"
+    code = f"""
+import sys, torch
+original = torch.cuda.current_device
+import gkd, gkd.methods, gkd.models, gkd.config
+from gkd.config import load_run_config
+run = load_run_config({str(example)!r})
+print("megatron.core" in sys.modules)
+import gkd.engine.trainer, gkd.testing  # importing the engine patches nothing either
+assert torch.cuda.current_device is original, "torch.cuda.current_device was patched"
+from gkd.parallel import cpu_compat_applied
+assert not cpu_compat_applied()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False", "checking a config imported megatron-core"
