@@ -39,6 +39,8 @@ class Shape:
     num_kv_heads: int
     ffn_hidden_size: int
     vocab_size: int
+    head: str | None = None
+    """The checkpoint's own head (from ``architectures``); None when it cannot be told."""
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> Shape | None:
@@ -48,7 +50,8 @@ class Shape:
             return None
         heads = cfg["num_attention_heads"]
         return Shape(cfg["model_type"], family, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
-                     int(cfg.get("num_key_value_heads") or heads), cfg["intermediate_size"], int(cfg.get("vocab_size") or 0))
+                     int(cfg.get("num_key_value_heads") or heads), cfg["intermediate_size"],
+                     int(cfg.get("vocab_size") or 0), _own_head(cfg))
 
     def with_overrides(self, arch: Any) -> Shape:
         if not isinstance(arch, dict):
@@ -58,11 +61,24 @@ class Shape:
             given["num_kv_heads"] = given["num_heads"]
         return replace(self, **given)
 
-    def model_shape(self, num_labels: int | None) -> Any:
+    def model_shape(self, task_head: str | None, num_labels: int | None, *, student: bool) -> Any:
+        """The :class:`gkd.methods.ModelShape` a method will see: the student always has the
+        task's head; a teacher has it when its checkpoint does, else its own (as the engine builds them)."""
         from gkd.methods import ModelShape
 
+        head = task_head if student or self.head == task_head else self.head
         return ModelShape(self.family, self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads,
-                          self.ffn_hidden_size, self.vocab_size, num_labels)
+                          self.ffn_hidden_size, self.vocab_size, num_labels if head == "classification" else None,
+                          head=head, has_pooler=None if head is None else self.family == "encoder" and head != "mlm")
+
+
+def _own_head(cfg: dict[str, Any]) -> str | None:
+    from gkd.models.config import ModelConfig
+
+    try:
+        return ModelConfig.from_hf_config(cfg).head
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 class _Checker:
@@ -233,7 +249,10 @@ class _Checker:
                 if not train.startswith("teacher:"):
                     self.add(f"{where}.train", f"'{train}' must be 'student' or 'teacher:NAME'")
                 else:
-                    self.teacher_ref(train.split(":", 1)[1], f"{where}.train", view.available)
+                    tuned = train.split(":", 1)[1]
+                    if self.teacher_ref(tuned, f"{where}.train", view.available) and tuned in self.shapes:
+                        # later stages see the fine-tuned teacher, which has the task's head
+                        self.shapes[tuned] = replace(self.shapes[tuned], head=self._task_head())
                     if methods:
                         self.add(f"{where}.methods", "a stage that fine-tunes a teacher is plain training: remove its methods")
             self.check_methods(methods, where, stage.get("kind", "task"), view.teachers, student)
@@ -246,6 +265,10 @@ class _Checker:
                 elif student is not None:
                     self.shapes[pub] = student
         return seen_shapes
+
+    def _task_head(self) -> str | None:
+        task = self.raw.get("task")
+        return resolve.HEAD_FOR_TASK.get(str(task.get("type"))) if isinstance(task, dict) else None
 
     def check_methods(self, methods: list[Any], where: str, stage_kind: Any, stage_teachers: list[str],
                       student: Shape | None) -> None:
@@ -286,10 +309,10 @@ class _Checker:
         from gkd.methods.checks import check_features
 
         task = self.raw.get("task") if isinstance(self.raw.get("task"), dict) else {}
-        labels = task.get("num_labels") if task.get("type") == "sequence_classification" else None
+        head, labels = self._task_head(), task.get("num_labels")
         parallel = self.raw.get("parallel") if isinstance(self.raw.get("parallel"), dict) else {}
-        context = MethodContext(student=student.model_shape(labels),
-                                teachers={t: self.shapes[t].model_shape(labels) for t in teachers},
+        context = MethodContext(student=student.model_shape(head, labels, student=True),
+                                teachers={t: self.shapes[t].model_shape(head, labels, student=False) for t in teachers},
                                 task=str(task.get("type", "")), stage_kind=str(stage_kind),
                                 tensor_parallel=int(parallel.get("tensor_parallel", 1)))
         for issue in check_features(spec, config, context):

@@ -18,9 +18,7 @@ if TYPE_CHECKING:
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
     """What methods may know of a built model (see :class:`ModelShape`)."""
-    labels = cfg.num_labels if cfg.head == "classification" else None
-    return ModelShape(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
-                      cfg.ffn_hidden_size, cfg.vocab_size, labels)
+    return ModelShape.from_model_config(cfg)
 
 
 def build_methods(run: RunConfig, stage: StageConfig, registry: MethodRegistry, student: ModelShape,
