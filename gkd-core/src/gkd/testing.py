@@ -1,46 +1,624 @@
-"""Helpers for testing methods (shipped so third-party plugin authors can use them too)."""
+"""A test kit for method authors, shipped with gkd-core so third-party plugins can use it too.
+
+Two levels, usable together:
+
+* **Unit level, no models** — :func:`shape`, :func:`build_method`, :func:`step`,
+  :func:`outputs`: call a method's ``plan`` and ``loss`` on hand-made tensors and compare each
+  term with its formula.
+* **Through the real engine** — :func:`tiny_models` (seeded encoder or decoder teacher/student
+  pairs built with :func:`gkd.models.build_model`), :func:`tiny_batch` (with padding and
+  labels), :func:`run_step` (:func:`gkd.engine.step.distill_step`, the function training uses)
+  and :func:`check_conformance`, the contract every method must meet, in one call.
+
+A method that reads ``state`` (layer maps, counters) needs ``initial_state()`` first:
+``build_method(..., with_state=True)`` returns ``(method, state)``, and :func:`run_step` calls
+``initial_state()`` for a bare :class:`~gkd.methods.api.Method`.
+
+Tiny models have ``TINY_HIDDEN`` = 32 wide layers with ``TINY_HEADS`` = 4 attention heads for
+every model (so head-count rules such as TinyBERT's attention loss hold), a vocabulary of
+``TINY_VOCAB`` = 100 ids, no dropout, and a classification head with ``TINY_LABELS`` = 3
+classes (encoders) or a tied LM head (decoders, 2 key/value heads: grouped-query attention).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
+from torch import nn
 
-from gkd.config.schema import apply_defaults
+from gkd.config.schema import apply_defaults, defaults_of, schema_issues
+from gkd.engine.step import SelectedMethod, StepResult, distill_step, step_context
+from gkd.errors import GkdError
+from gkd.methods import losses
 from gkd.methods.api import (
     STUDENT,
     Method,
     MethodContext,
     ModelShape,
     ModelView,
+    PassPlan,
     PassView,
     StepContext,
     teacher_key,
 )
+from gkd.methods.checks import check_features, matches, validate_feature_patterns
+from gkd.methods.spec import MethodSpec
 from gkd.plugins.manager import load_plugin_manager
 
+if TYPE_CHECKING:
+    from gkd.models import GkdModel, ModelConfig
 
-def shape(family: str = "encoder", num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
-          vocab_size: int = 100, num_labels: int | None = 3) -> ModelShape:
-    return ModelShape(family, num_layers, hidden_size, num_heads, num_heads, 4 * hidden_size, vocab_size, num_labels)
+TINY_HIDDEN = 32
+TINY_HEADS = 4
+"""Attention heads of every tiny model and of :func:`shape` (student and teachers alike)."""
+TINY_DECODER_KV_HEADS = 2
+TINY_VOCAB = 100
+TINY_LABELS = 3
+TINY_FFN = 64
 
-
-def build_method(name: str, config: Mapping[str, Any] | None = None, *, student: ModelShape | None = None,
-                 teachers: Mapping[str, ModelShape] | None = None, task: str = "sequence_classification") -> Method:
-    """Build a registered method exactly as the engine does: schema defaults, then its factory."""
-    spec = load_plugin_manager().registry.get(name).spec
-    cfg = apply_defaults(spec.config_schema, dict(config or {}))
-    ctx = MethodContext(student=student or shape(num_layers=2),
-                        teachers=teachers or {"t": shape()}, task=task, stage_kind="task")
-    assert spec.factory is not None
-    return spec.factory(cfg, ctx)
-
-
-def step(iteration: int = 0, total: int = 10, seed: int = 0) -> StepContext:
-    return StepContext("test", 0, 0, iteration, total, torch.Generator().manual_seed(seed))
+Family = Literal["encoder", "decoder"]
+HEAD_FOR_TASK = {"sequence_classification": "classification", "masked_lm": "mlm", "causal_lm": "lm"}
+MASK_ID = 4
+"""The ``[MASK]`` id of :func:`tiny_batch` for ``masked_lm`` (ids 0–4 are never drawn as tokens)."""
 
 
-def outputs(batch: Mapping[str, torch.Tensor], student: ModelView, teachers: Mapping[str, ModelView]) -> PassView:
-    models = {STUDENT: student} | {teacher_key(k): v for k, v in teachers.items()}
-    return PassView(batch=dict(batch), models=models)
+def default_task(family: str) -> str:
+    """``sequence_classification`` for encoders, ``causal_lm`` for decoders."""
+    return "causal_lm" if family == "decoder" else "sequence_classification"
+
+
+# ---------------------------------------------------------------------------- unit level
+
+
+def shape(family: str = "encoder", num_layers: int = 4, hidden_size: int = TINY_HIDDEN, num_heads: int = TINY_HEADS,
+          vocab_size: int = TINY_VOCAB, num_labels: int | None = TINY_LABELS, *, num_kv_heads: int | None = None,
+          ffn_hidden_size: int | None = None, head: str | None = None, has_pooler: bool | None = None) -> ModelShape:
+    """A :class:`ModelShape` for unit tests; every model gets ``num_heads`` = ``TINY_HEADS`` unless told.
+
+    ``head`` defaults to ``classification`` (encoders) or ``lm`` (decoders); ``num_labels`` is
+    kept only for a classification head. ``has_pooler`` defaults to True for encoders.
+    """
+    head = head or ("lm" if family == "decoder" else "classification")
+    pooler = has_pooler if has_pooler is not None else family == "encoder"
+    return ModelShape(family, num_layers, hidden_size, num_heads, num_kv_heads or num_heads,
+                      ffn_hidden_size or 4 * hidden_size, vocab_size, num_labels if head == "classification" else None,
+                      head=head, has_pooler=pooler)
+
+
+def _spec(name_or_spec: str | MethodSpec) -> MethodSpec:
+    if isinstance(name_or_spec, MethodSpec):
+        return name_or_spec
+    return load_plugin_manager().registry.get(name_or_spec).spec
+
+
+def validate_config(spec: MethodSpec, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config`` checked against the method's schema, then defaulted (as validation does).
+
+    Raises:
+        GkdError: One line per problem, each naming the field, e.g.
+            ``kd: config.soft_loss: 'kll' is not one of ['kl', 'ce', 'mse']``.
+    """
+    given = dict(config or {})
+    issues = schema_issues(spec.config_schema, given, prefix="config")
+    if issues:
+        raise GkdError("\n".join(f"{spec.name}: {issue.path or 'config'}: {issue.message}" for issue in issues))
+    return dict(apply_defaults(spec.config_schema, given))
+
+
+def _default_teachers(spec: MethodSpec) -> dict[str, ModelShape]:
+    if spec.kind == "multi-teacher":
+        return {"t1": shape(), "t2": shape(num_layers=3)}
+    return {"t": shape()}
+
+
+def context_of(models: Mapping[str, nn.Module], *, teachers: Sequence[str] | None = None, task: str | None = None,
+               stage_kind: str = "task", tensor_parallel: int = 1) -> MethodContext:
+    """The :class:`MethodContext` of tiny (or any gkd) models, from their ``model_config``.
+
+    Args:
+        models: ``{"student": …, "teacher:NAME": …}`` as :func:`tiny_models` returns.
+        teachers: Teacher names the method reads, in order (default: every teacher in ``models``).
+    """
+    def shape_of(key: str) -> ModelShape:
+        return ModelShape.from_model_config(models[key].model_config)  # type: ignore[union-attr]
+
+    names = list(teachers) if teachers is not None else [k.split(":", 1)[1] for k in models if k != STUDENT]
+    student = shape_of(STUDENT)
+    return MethodContext(student=student, teachers={n: shape_of(teacher_key(n)) for n in names},
+                         task=task or default_task(student.family), stage_kind=stage_kind,
+                         tensor_parallel=tensor_parallel)
+
+
+@overload
+def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
+                 student: ModelShape | None = None, teachers: Mapping[str, ModelShape] | Sequence[str] | None = None,
+                 task: str | None = None, stage_kind: str = "task", tensor_parallel: int = 1,
+                 models: Mapping[str, nn.Module] | None = None, seed: int | None = None, check: bool = True,
+                 with_state: Literal[False] = False) -> Method: ...
+@overload
+def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
+                 student: ModelShape | None = None, teachers: Mapping[str, ModelShape] | Sequence[str] | None = None,
+                 task: str | None = None, stage_kind: str = "task", tensor_parallel: int = 1,
+                 models: Mapping[str, nn.Module] | None = None, seed: int | None = None, check: bool = True,
+                 with_state: Literal[True]) -> tuple[Method, dict[str, Any]]: ...
+def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
+                 student: ModelShape | None = None, teachers: Mapping[str, ModelShape] | Sequence[str] | None = None,
+                 task: str | None = None, stage_kind: str = "task", tensor_parallel: int = 1,
+                 models: Mapping[str, nn.Module] | None = None, seed: int | None = None, check: bool = True,
+                 with_state: bool = False) -> Method | tuple[Method, dict[str, Any]]:
+    """Build a method as gkd does: validate ``config`` against its schema, fill the defaults,
+    run the static checks (:func:`gkd.methods.checks.check_features`), call the factory.
+
+    Args:
+        name: A registered method name (installed plugins are loaded afresh), or a
+            :class:`MethodSpec` (for a method that is not installed).
+        config: The method's ``config``; an unknown key or a wrong value raises.
+        student, teachers: Shapes (``{name: ModelShape}``); default a 2-layer ``shape()`` student
+            and one 4-layer teacher ``t`` (multi-teacher methods: ``t1`` with 4 layers and ``t2``
+            with 3). With ``models``, ``teachers`` may be the names of the teachers to read.
+        task: Default ``sequence_classification`` (encoder student) or ``causal_lm``.
+        stage_kind, tensor_parallel: As in :class:`MethodContext`.
+        models: Tiny models (:func:`tiny_models`): shapes come from their configs instead.
+        seed: Seed the method's parameter initialisation (the global RNG is left untouched).
+        check: False skips :func:`check_features` (e.g. to test the constructor's own error).
+        with_state: Return ``(method, method.initial_state())``.
+
+    Raises:
+        GkdError: An invalid config (each field named) or an issue of the static checks
+            (``config.<field>: message``).
+    """
+    spec = _spec(name)
+    cfg = validate_config(spec, config)
+    if models is not None:
+        names = list(teachers) if teachers is not None and not isinstance(teachers, Mapping) else None
+        ctx = context_of(models, teachers=names, task=task, stage_kind=stage_kind, tensor_parallel=tensor_parallel)
+        if student is not None or isinstance(teachers, Mapping):
+            ctx = MethodContext(student or ctx.student, dict(teachers) if isinstance(teachers, Mapping) else ctx.teachers,
+                                ctx.task, stage_kind, tensor_parallel)
+    else:
+        if teachers is not None and not isinstance(teachers, Mapping):
+            raise TypeError("teachers as a list of names needs models=; give {name: ModelShape} otherwise")
+        s = student or shape(num_layers=2)
+        ctx = MethodContext(student=s, teachers=dict(teachers) if teachers is not None else _default_teachers(spec),
+                            task=task or default_task(s.family), stage_kind=stage_kind, tensor_parallel=tensor_parallel)
+    if check:
+        issues = check_features(spec, cfg, ctx)
+        if issues:
+            raise GkdError("\n".join(f"config.{i.field}: {i.message}" if i.field else i.message for i in issues))
+    if spec.factory is None:
+        raise GkdError(f"method '{spec.name}' has no factory")
+    if seed is None:
+        method = spec.factory(cfg, ctx)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            method = spec.factory(cfg, ctx)
+    return (method, method.initial_state()) if with_state else method
+
+
+def step(iteration: int = 0, total: int = 10, seed: int = 0, *, stage: str = "test", epoch: int = 0) -> StepContext:
+    """A :class:`StepContext` whose generator is ``torch.Generator().manual_seed(seed)``;
+    ``progress`` is ``iteration / total``."""
+    return StepContext(stage, 0, epoch, iteration, total, torch.Generator().manual_seed(seed))
+
+
+def outputs(batch: Mapping[str, torch.Tensor], student: ModelView, teachers: Mapping[str, ModelView] | None = None,
+            *, terms: Mapping[str, torch.Tensor] | None = None) -> PassView:
+    """A :class:`PassView` from a batch and hand-made :class:`ModelView` s.
+
+    When ``batch`` has ``labels``, a view with logits and no ``task_loss`` gets ``task_loss``
+    and ``task_loss_per_example`` computed from them by :func:`gkd.methods.losses.task_loss`
+    and :func:`~gkd.methods.losses.task_loss_per_example`, the functions the engine uses, so a
+    test of a hard term checks the real value. A ``task_loss`` you pass is kept.
+    """
+    labels = batch.get("labels")
+
+    def complete(view: ModelView) -> ModelView:
+        if labels is None or view.logits is None or view.task_loss is not None:
+            return view
+        return ModelView(view.features, view.logits, losses.task_loss(view.logits, labels),
+                         losses.task_loss_per_example(view.logits, labels))
+
+    models = {STUDENT: complete(student)} | {teacher_key(k): complete(v) for k, v in (teachers or {}).items()}
+    return PassView(batch=dict(batch), models=models, terms=dict(terms or {}))
+
+
+# ---------------------------------------------------------------------------- real models
+
+
+def tiny_config(family: Family = "encoder", num_layers: int = 2, *, task: str | None = None, head: str | None = None,
+                hidden_size: int = TINY_HIDDEN, num_heads: int = TINY_HEADS, num_kv_heads: int | None = None,
+                ffn_hidden_size: int = TINY_FFN, vocab_size: int = TINY_VOCAB, num_labels: int = TINY_LABELS,
+                **overrides: Any) -> ModelConfig:
+    """The :class:`~gkd.models.ModelConfig` of a tiny model (no dropout, 64 positions).
+
+    ``head`` defaults to the task's (``classification``, ``mlm`` or ``lm``); ``head="none"``
+    gives a model without logits. Decoders default to ``TINY_DECODER_KV_HEADS`` key/value heads.
+    """
+    from gkd.models import ModelConfig
+
+    head = head or HEAD_FOR_TASK[task or default_task(family)]
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                                  num_attention_heads=num_heads, ffn_hidden_size=ffn_hidden_size, head=head,
+                                  num_labels=num_labels, hidden_dropout=0.0, attention_dropout=0.0,
+                                  max_position_embeddings=64)
+    if family == "decoder":
+        common |= dict(num_kv_heads=num_kv_heads or min(TINY_DECODER_KV_HEADS, num_heads), hidden_act="silu",
+                       norm_eps=1e-6)
+    elif num_kv_heads is not None:
+        common["num_kv_heads"] = num_kv_heads
+    return ModelConfig(family=family, **(common | overrides))
+
+
+def tiny_models(family: Family = "encoder", *, teacher_layers: int = 4, student_layers: int = 2,
+                teachers: Sequence[str] | Mapping[str, int] = ("t",), task: str | None = None,
+                teacher_head: str | None = None, student_hidden_size: int = TINY_HIDDEN,
+                teacher_hidden_size: int = TINY_HIDDEN, num_heads: int = TINY_HEADS, seed: int = 0,
+                device: torch.device | str = "cpu") -> dict[str, GkdModel]:
+    """A student and its teachers, tiny real gkd models (megatron-core), seeded.
+
+    Args:
+        family: ``"encoder"`` (BERT-like) or ``"decoder"`` (Llama-like) for every model.
+        teacher_layers, student_layers: Depths; ``teachers`` as a mapping gives each teacher's.
+        teachers: Teacher names, or ``{name: num_layers}`` (e.g. two teachers of different depth).
+        task: Sets the heads (default :func:`default_task`).
+        teacher_head: Another head for the teachers, e.g. ``"none"`` (no logits).
+        student_hidden_size, teacher_hidden_size, num_heads: Widths and heads.
+        seed: The student is built with ``seed``, teacher k with ``seed + 1 + k``.
+
+    Returns:
+        ``{"student": model in train mode, "teacher:NAME": model in eval mode with
+        requires_grad False}``, as the trainer hands them to :func:`distill_step`.
+    """
+    from gkd.models import build_model
+
+    depths = dict(teachers) if isinstance(teachers, Mapping) else dict.fromkeys(teachers, teacher_layers)
+    task = task or default_task(family)
+    models: dict[str, GkdModel] = {
+        STUDENT: build_model(tiny_config(family, student_layers, task=task, hidden_size=student_hidden_size,
+                                         num_heads=num_heads), seed=seed, device=device).train()}
+    for k, (name, layers) in enumerate(depths.items()):
+        cfg = tiny_config(family, layers, task=task, head=teacher_head, hidden_size=teacher_hidden_size,
+                          num_heads=num_heads)
+        teacher = build_model(cfg, seed=seed + 1 + k, device=device).eval()
+        models[teacher_key(name)] = teacher.requires_grad_(False)
+    return models
+
+
+def tiny_batch(family: Family = "encoder", task: str | None = None, *, batch: int = 2, seq: int = 8,
+               vocab_size: int = TINY_VOCAB, num_labels: int = TINY_LABELS, generator: torch.Generator | None = None,
+               labels: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A batch like the engine's (see :mod:`gkd.engine.data`), with padding in it.
+
+    The last example's last ``seq // 3`` positions are padding (``attention_mask`` 0, id 0).
+    Labels: ``[b]`` classes (``sequence_classification``); ``[b, s]`` with ``-100`` where no
+    loss is taken for the LM tasks — ``causal_lm`` already shifted (``labels[:, t]`` is the
+    token at ``t + 1``), ``masked_lm`` on about a quarter of the real tokens (at least one per
+    example), replaced by ``MASK_ID`` in ``input_ids``. Encoders get zero ``token_type_ids``.
+    """
+    task = task or default_task(family)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    ids = torch.randint(MASK_ID + 1, vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq - max(1, seq // 3):] = 0
+    ids = ids * mask
+    out: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    if family == "encoder":
+        out["token_type_ids"] = torch.zeros_like(ids)
+    if labels:
+        if task == "sequence_classification":
+            out["labels"] = torch.randint(0, num_labels, (batch,), generator=g)
+        elif task == "causal_lm":
+            lab = torch.full_like(ids, -100)
+            lab[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+            out["labels"] = lab
+        elif task == "masked_lm":
+            chosen = (torch.rand(batch, seq, generator=g) < 0.25) & mask.bool()
+            chosen[torch.arange(batch), 0] = True  # at least one masked token per example
+            out["labels"] = torch.where(chosen, ids, -100)
+            out["input_ids"] = torch.where(chosen, MASK_ID, ids)
+        else:
+            raise ValueError(f"unknown task {task!r}; use one of {sorted(HEAD_FOR_TASK)}")
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def selected(method: Method, weight: float = 1.0, state: dict[str, Any] | None = None) -> SelectedMethod:
+    """A method as a stage uses it: with its weight and (default: its initial) state."""
+    return SelectedMethod(method, weight, method.initial_state() if state is None else state)
+
+
+def _as_selected(methods: Method | SelectedMethod | Mapping[str, Method | SelectedMethod]) -> dict[str, SelectedMethod]:
+    if isinstance(methods, (Method, SelectedMethod)):
+        methods = {(methods.method if isinstance(methods, SelectedMethod) else methods).name: methods}
+    return {name: m if isinstance(m, SelectedMethod) else selected(m) for name, m in methods.items()}
+
+
+def run_step(methods: Method | SelectedMethod | Mapping[str, Method | SelectedMethod], models: Mapping[str, nn.Module],
+             batch: Mapping[str, torch.Tensor], *, iteration: int = 0, total: int = 10, seed: int = 0,
+             stage: str = "test", epoch: int = 0, setup: bool = True, after_step: bool = False) -> StepResult:
+    """One training step's forward passes and losses, by the engine's :func:`distill_step`.
+
+    Args:
+        methods: One method, or ``{name: method}`` combined in one stage (in order). A bare
+            :class:`Method` gets weight 1 and a fresh ``initial_state()`` on every call; pass a
+            :class:`SelectedMethod` (:func:`selected`) to keep its state across steps.
+        models: ``{"student": …, "teacher:NAME": …}`` (:func:`tiny_models`).
+        batch: A batch (:func:`tiny_batch`).
+        iteration, total, seed, stage, epoch: Where the step is; each method's generator is
+            seeded from (seed, stage, iteration, method name), as in training.
+        setup: Call ``method.setup(models)`` first.
+        after_step: Then call ``method.after_step`` with the step's term values, as the trainer
+            does once per optimizer step (``{term: float}``, unweighted names without the method).
+
+    Returns:
+        The :class:`StepResult`: ``loss`` (with its graph; call ``backward()``) and ``terms``.
+    """
+    sel = _as_selected(methods)
+    if setup:
+        for s in sel.values():
+            s.method.setup(models)
+    contexts = {name: step_context(seed, stage, 0, epoch, iteration, total, name) for name in sel}
+    result = distill_step(models, sel, contexts, batch)
+    if after_step:
+        for name, s in sel.items():
+            logged = {k.split(".", 1)[1]: float(v.detach()) for k, v in result.terms.items() if k.startswith(name + ".")}
+            s.method.after_step(contexts[name], s.state, logged)
+    return result
+
+
+# ---------------------------------------------------------------------------- conformance
+
+
+@dataclass
+class Conformance:
+    """What :func:`check_conformance` ran: per step, the plans (model key → requested features
+    per pass) and the term values."""
+
+    plans: list[list[dict[str, frozenset[str]]]] = field(default_factory=list)
+    terms: list[dict[str, float]] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _json_round_trip(state: Any, name: str, when: str) -> None:
+    if not isinstance(state, dict):
+        raise AssertionError(f"{name}: the state {when} must be a dict, got {type(state).__name__}")
+    try:
+        again = json.loads(json.dumps(state))
+    except (TypeError, ValueError) as e:
+        raise AssertionError(f"{name}: the state {when} is not JSON-serialisable ({e}): {state!r}") from None
+    if again != state:
+        raise AssertionError(f"{name}: the state {when} changes in a JSON round trip (tuples, int keys?): "
+                             f"{state!r} -> {again!r}")
+
+
+def _recording(method: Method, sink: list[PassPlan]) -> Callable[..., PassPlan | None]:
+    original = type(method).plan
+
+    def plan(step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
+        result = original(method, step, state, pass_index, previous)
+        if result is not None:
+            sink.append(result)
+        return result
+
+    return plan
+
+
+def _check_plans(spec: MethodSpec, plans: list[PassPlan], ctx: MethodContext) -> None:
+    allowed = {STUDENT} | {teacher_key(t) for t in ctx.teachers}
+    for p, plan in enumerate(plans):
+        for key, req in plan.models.items():
+            if key not in allowed:
+                raise AssertionError(f"{spec.name}: pass {p} plans model '{key}', but the method reads only "
+                                     f"{sorted(allowed)}")
+            patterns = spec.features.student if key == STUDENT else spec.features.teacher
+            side = "student" if key == STUDENT else "teacher"
+            for feature in sorted(req.features):
+                if not any(matches(pat, feature) for pat in patterns):
+                    raise AssertionError(
+                        f"{spec.name}: pass {p} requests '{feature}' from {key}, which no {side} pattern of "
+                        f"spec.features matches ({', '.join(patterns) or 'none declared'})")
+            if req.operations and not spec.modifies_forward:
+                raise AssertionError(f"{spec.name}: pass {p} attaches operations at {sorted(req.operations)} on {key}, "
+                                     "but the spec says modifies_forward=False")
+
+
+def _check_holds_no_model(name: str, method: Method, models: Mapping[str, nn.Module], when: str) -> None:
+    model_params = {id(p) for m in models.values() for p in m.parameters()}
+    held = [n for n, p in method.named_parameters() if id(p) in model_params]
+    ids = {id(m) for m in models.values()}
+    modules = [n for n, m in method.named_modules() if id(m) in ids]
+    if held or modules:
+        raise AssertionError(f"{name}: the method holds a model as a sub-module {when} ({(modules or held)[:3]}); "
+                             "teachers would join the trained auxiliary model: keep the references setup() gives "
+                             "in a plain dict")
+
+
+def _run_checked(spec: MethodSpec, sel: SelectedMethod, models: Mapping[str, nn.Module],
+                 batches: Sequence[Mapping[str, torch.Tensor]], seed: int, check_grads: bool,
+                 own_grads: bool) -> Conformance:
+    method, name, ctx = sel.method, spec.name, sel.method.context
+    report = Conformance()
+    teachers = [m for k, m in models.items() if k != STUDENT]
+    for iteration, batch in enumerate(batches):
+        recorded: list[PassPlan] = []
+        method.plan = _recording(method, recorded)  # type: ignore[method-assign]
+        try:
+            if check_grads:
+                for t in teachers:
+                    t.requires_grad_(True)
+                for p in [*models[STUDENT].parameters(), *method.parameters(), *(q for t in teachers for q in t.parameters())]:
+                    p.grad = None
+            result = run_step({name: sel}, models, batch, iteration=iteration, total=len(batches), seed=seed)
+            _check_plans(spec, recorded, ctx)
+            if not result.terms:
+                raise AssertionError(f"{name}: the step produced no term")
+            for term, value in result.terms.items():
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    raise AssertionError(f"{name}: term '{term}' must be a scalar tensor, got "
+                                         f"{getattr(value, 'shape', type(value).__name__)}")
+                if not torch.isfinite(value).all():
+                    raise AssertionError(f"{name}: term '{term}' is not finite: {float(value.detach())}")
+            if check_grads:
+                if not result.loss.requires_grad:
+                    raise AssertionError(f"{name}: the loss has no autograd graph; no gradient reaches the student")
+                result.loss.backward()
+                student_grads = [p.grad for p in models[STUDENT].parameters() if p.grad is not None]
+                if not any(bool(torch.any(g != 0)) for g in student_grads):
+                    raise AssertionError(f"{name}: the loss gives the student no (non-zero) gradient")
+                bad = [n for n, p in models[STUDENT].named_parameters() if p.grad is not None
+                       and not torch.isfinite(p.grad).all()]
+                if bad:
+                    raise AssertionError(f"{name}: non-finite student gradients in {bad[:5]}")
+                if own_grads and not any(p.grad is not None for p in method.parameters()):
+                    raise AssertionError(f"{name}: spec.has_parameters=True, but no gradient reaches the method's "
+                                         "own parameters (pass parameter_grads=False if this config leaves them unused)")
+                grad_teachers = {k for plan in recorded for k, r in plan.models.items() if r.grad}
+                for key, t in models.items():
+                    if key == STUDENT or key in grad_teachers:
+                        continue
+                    leaked = [n for n, p in t.named_parameters() if p.grad is not None]
+                    if leaked:
+                        raise AssertionError(f"{name}: {key} received gradients ({leaked[:3]}…) without asking for "
+                                             "ForwardRequest(grad=True): teachers must stay frozen")
+        finally:
+            del method.plan
+            for t in teachers:
+                t.requires_grad_(False)
+        _json_round_trip(sel.state, name, f"after plan/loss of step {iteration}")
+        logged = {k.split(".", 1)[1]: float(v.detach()) for k, v in result.terms.items()}
+        method.after_step(step_context(seed, "test", 0, 0, iteration, len(batches), name), sel.state, logged)
+        _json_round_trip(sel.state, name, f"after after_step of step {iteration}")
+        report.plans.append([{k: frozenset(r.features) for k, r in plan.models.items()} for plan in recorded])
+        report.terms.append(logged)
+        report.states.append(json.loads(json.dumps(sel.state)))
+    return report
+
+
+def check_conformance(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
+                      family: Family = "encoder", task: str | None = None,
+                      teachers: Sequence[str] | Mapping[str, int] | None = None, student_layers: int = 2,
+                      teacher_layers: int = 4, steps: int = 2, seed: int = 0,
+                      parameter_grads: bool | None = None) -> Conformance:
+    """Check the contract of a method on tiny real models through the engine's ``distill_step``.
+
+    It asserts that:
+
+    * the schema's defaults validate against the schema, and the spec's feature patterns
+      are well formed (:func:`gkd.methods.checks.validate_feature_patterns`);
+    * ``config`` validates and the static checks pass for the tiny models;
+    * ``spec.has_parameters`` matches the method's parameters, and the method holds no model
+      (teacher or student) as a sub-module;
+    * every plan names only the student and this method's teachers, requests only features
+      matched by ``spec.features``, and attaches operations only if ``spec.modifies_forward``;
+    * every term is a finite scalar, the loss is differentiable, gradients reach the student
+      (and the method's parameters when ``spec.has_parameters``, see ``parameter_grads``) and
+      never a teacher that did not ask for ``grad=True``;
+    * the state is a dict that survives a JSON round trip, from ``initial_state()``, after each
+      step and after each ``after_step``;
+    * a second method built the same way gives the same plans, terms and states (same seed,
+      same generator: same random choices).
+
+    Args:
+        name: A registered method name, or its :class:`MethodSpec`.
+        config: The method's config (default: the schema's defaults).
+        family, task: The tiny models' family and task (default :func:`default_task`).
+        teachers: Teacher names or ``{name: num_layers}``; default one teacher ``t`` with
+            ``teacher_layers`` layers, or for a multi-teacher method ``t1`` (``teacher_layers``)
+            and ``t2`` (``teacher_layers - 1``).
+        steps: Steps run, each on its own batch, with state carried over.
+        seed: Models, batches, parameter initialisation and step generators.
+        parameter_grads: Require gradients in the method's own parameters (default
+            ``spec.has_parameters``); False for a config that leaves them unused.
+
+    Returns:
+        What ran (:class:`Conformance`), for further assertions.
+
+    Raises:
+        AssertionError: The first broken rule, naming the method and what is wrong.
+    """
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    spec = _spec(name)
+    try:
+        Draft202012Validator.check_schema(dict(spec.config_schema))
+    except SchemaError as e:
+        raise AssertionError(f"{spec.name}: invalid config schema: {e.message}") from None
+    defaults = defaults_of(spec.config_schema)
+    bad_defaults = schema_issues(spec.config_schema, defaults, prefix="config")
+    if bad_defaults:
+        raise AssertionError(f"{spec.name}: the schema rejects its own defaults: " + "; ".join(map(str, bad_defaults)))
+    problems = validate_feature_patterns(spec.features)
+    if problems:
+        raise AssertionError(f"{spec.name}: spec.features: " + "; ".join(problems))
+    if teachers is None:
+        teachers = ({"t1": teacher_layers, "t2": max(student_layers, teacher_layers - 1)}
+                    if spec.kind == "multi-teacher" else {"t": teacher_layers})
+    stage_kind = "task" if "task" in spec.stages else spec.stages[0]
+    models = tiny_models(family, teachers=teachers, teacher_layers=teacher_layers, student_layers=student_layers,
+                         task=task, seed=seed)
+    try:
+        first = build_method(spec, config, models=models, task=task, stage_kind=stage_kind, seed=seed)
+        second = build_method(spec, config, models=models, task=task, stage_kind=stage_kind, seed=seed)
+    except GkdError as e:
+        raise AssertionError(f"{spec.name}: cannot build on the tiny models: {e}") from None
+
+    _check_holds_no_model(spec.name, first, models, "after construction")
+    own = list(first.parameters())
+    if spec.has_parameters != bool(own):
+        raise AssertionError(f"{spec.name}: spec.has_parameters={spec.has_parameters}, but the method owns "
+                             f"{len(own)} parameter tensor(s)")
+
+    state = first.initial_state()
+    _json_round_trip(state, spec.name, "from initial_state()")
+    g = torch.Generator().manual_seed(seed)
+    batches = [tiny_batch(family, task, generator=g) for _ in range(steps)]
+    own_grads = spec.has_parameters if parameter_grads is None else parameter_grads
+    first.setup(models)
+    _check_holds_no_model(spec.name, first, models, "after setup()")
+    report = _run_checked(spec, SelectedMethod(first, 1.0, state), models, batches, seed, check_grads=True,
+                          own_grads=own_grads)
+    again = _run_checked(spec, SelectedMethod(second, 1.0, second.initial_state()), models, batches, seed,
+                         check_grads=False, own_grads=False)
+    for i, (a, b) in enumerate(zip(report.plans, again.plans, strict=True)):
+        if a != b:
+            raise AssertionError(f"{spec.name}: step {i} plans differ between two identical runs (randomness not "
+                                 f"from step.generator?): {a} vs {b}")
+    for i, (a, b) in enumerate(zip(report.terms, again.terms, strict=True)):
+        if a.keys() != b.keys() or any(not math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-7) for k in a):
+            raise AssertionError(f"{spec.name}: step {i} terms differ between two identical runs: {a} vs {b}")
+    for i, (a, b) in enumerate(zip(report.states, again.states, strict=True)):
+        if a != b:
+            raise AssertionError(f"{spec.name}: state after step {i} differs between two identical runs: {a} vs {b}")
+    return report
+
+
+__all__ = [
+    "HEAD_FOR_TASK",
+    "MASK_ID",
+    "TINY_DECODER_KV_HEADS",
+    "TINY_FFN",
+    "TINY_HEADS",
+    "TINY_HIDDEN",
+    "TINY_LABELS",
+    "TINY_VOCAB",
+    "Conformance",
+    "build_method",
+    "check_conformance",
+    "context_of",
+    "default_task",
+    "outputs",
+    "run_step",
+    "selected",
+    "shape",
+    "step",
+    "tiny_batch",
+    "tiny_config",
+    "tiny_models",
+    "validate_config",
+]

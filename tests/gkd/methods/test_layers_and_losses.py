@@ -59,3 +59,59 @@ def test_task_loss_per_example():
     tok = torch.zeros(1, 3, 4)
     tok_labels = torch.tensor([[1, -100, 2]])
     assert losses.task_loss_per_example(tok, tok_labels).item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_task_loss_is_one_mean_over_all_labelled_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 7, generator=g)
+    labels = torch.tensor([[1, 2, 3, 4], [5, -100, -100, -100]])
+    per_tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+    keep = labels != -100
+    assert losses.task_loss(logits, labels).item() == pytest.approx(per_tok[keep].mean().item(), rel=1e-6)
+    per_example = losses.task_loss_per_example(logits, labels)
+    assert per_example[0].item() == pytest.approx(per_tok[0].mean().item(), rel=1e-6)
+    assert per_example[1].item() == pytest.approx(per_tok[1, 0].item(), rel=1e-6)
+    # 5 labelled tokens: the per-example mean weights the lone token of example 1 four times as much
+    assert per_example.mean().item() != pytest.approx(losses.task_loss(logits, labels).item(), rel=1e-3)
+    cls = torch.randn(3, 4, generator=g)
+    y = torch.tensor([0, 3, 1])
+    assert losses.task_loss(cls, y).item() == pytest.approx(losses.task_loss_per_example(cls, y).mean().item())
+    none = torch.full((2, 4), -100)
+    assert losses.task_loss(logits, none).item() == 0.0
+
+
+def test_soft_loss_and_logits_mask():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert losses.logits_mask(s, mask) is mask and losses.logits_mask(s[:, 0], mask) is None
+    assert losses.soft_loss("kl", s, t, 2.0, mask).item() == pytest.approx(losses.kl_divergence(s, t, 2.0, mask).item())
+    assert losses.soft_loss("ce", s, t, 2.0, mask).item() == pytest.approx(
+        losses.soft_cross_entropy(s, t, 2.0, mask).item())
+    assert losses.soft_loss("mse", s, t, 2.0, mask).item() == pytest.approx(losses.mse(s, t, mask).item())
+    with pytest.raises(ValueError, match="unknown soft loss"):
+        losses.soft_loss("l1", s, t)  # type: ignore[arg-type]
+
+
+def test_attention_valid_mask_pairs_real_tokens_and_past_keys():
+    mask = torch.tensor([[1, 1, 0]])
+    valid = losses.attention_valid_mask(mask)
+    assert valid.shape == (1, 1, 3, 3)
+    assert valid[0, 0].tolist() == [[True, True, False], [True, True, False], [False, False, False]]
+    causal = losses.attention_valid_mask(mask, causal=True)
+    assert causal[0, 0].tolist() == [[True, False, False], [True, True, False], [False, False, False]]
+    # the broadcasting rule: a [b, 1, s, s] mask selects pairs of every head of [b, heads, s, s] values
+    scores = torch.arange(2 * 9, dtype=torch.float).reshape(1, 2, 3, 3)
+    expected = scores[causal.expand_as(scores)].pow(2).mean()
+    assert losses.mse(scores, torch.zeros_like(scores), causal).item() == pytest.approx(expected.item())
+
+
+def test_importing_gkd_methods_loads_neither_torch_nor_megatron():
+    import subprocess
+    import sys
+
+    code = ("import sys, gkd.methods as m; from gkd.methods import FeatureUse, MethodSpec, load_schema, hookimpl; "
+            "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, sorted(sys.modules); "
+            "assert sorted(set(m.__all__) - set(m._EXPORTS)) == ['checks', 'layers', 'losses']; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -5,17 +5,26 @@
     from gkd.methods import (Method, MethodSpec, FeatureUse, PassPlan, ForwardRequest, STUDENT,
                              teacher_key, losses, uniform_map, hidden_tap, GkdError, hookimpl)
 
-Groups (each name is documented where it is defined):
+A method plugin imports from here only (tests also use :mod:`gkd.testing`). Groups (each name
+is documented where it is defined):
 
 * describing a method — :class:`MethodSpec`, :class:`FeatureUse`, :func:`load_schema`,
   :data:`hookimpl`, :class:`MethodRegistrar` (``gkd.methods.spec``);
 * what runs every step — :class:`Method`, :class:`MethodContext`, :class:`StepContext`,
   :class:`ModelShape`, :class:`PassPlan`, :class:`ForwardRequest`, :class:`PassView`,
-  :class:`ModelView`, :data:`STUDENT`, :func:`teacher_key` (``gkd.methods.api``);
+  :class:`ModelView`, :data:`STUDENT`, :func:`teacher_key`, :func:`teacher_logits`
+  (``gkd.methods.api``);
+* checks before any model exists — :meth:`Method.check` returns :class:`FeatureIssue` s;
+  :func:`check_features`, :func:`logits_issues`, :func:`validate_feature_patterns`,
+  :func:`raise_issues` (``gkd.methods.checks``, ``gkd.methods.api``);
 * operations on the forward pass — :data:`Operation`, :func:`replace_with`,
   :func:`add_perturbation`, :func:`write_positions`, :func:`write_span`, :func:`swap_layers`,
   :func:`compose`, :data:`LAYERS_OPERATION` (``gkd.models.operations``);
-* loss primitives — the module :mod:`gkd.methods.losses` and its functions;
+* loss primitives — the module :mod:`gkd.methods.losses` (mask rule and task-loss convention in
+  its docstring): :func:`mse`, :func:`cosine_distance`, :func:`kl_divergence`,
+  :func:`soft_cross_entropy`, :func:`kl_between_distributions`, :func:`soft_loss`,
+  :func:`logits_mask`, :func:`attention_valid_mask`, :func:`task_loss`,
+  :func:`task_loss_per_example`;
 * layer maps — :func:`uniform_map`, :func:`stride_map`, :func:`random_map`, :func:`hidden_tap`;
 * tensor-parallel collectives for losses over sharded features — :func:`gather_heads`,
   :func:`gather_last_dim`, :func:`all_reduce_mean_over_tp`, … (``gkd.parallel.comm``);
@@ -33,10 +42,11 @@ from gkd._lazy import lazy_exports
 
 _SPEC = ("FeatureUse", "MethodKind", "MethodSpec", "StageKind", "load_schema")
 _API = ("STUDENT", "ForwardRequest", "Method", "MethodContext", "ModelShape", "ModelView", "PassPlan", "PassView",
-        "StepContext", "teacher_key")
+        "StepContext", "raise_issues", "teacher_key", "teacher_logits")
+_CHECKS = ("FeatureIssue", "check_features", "logits_issues", "validate_feature_patterns")
 _OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "write_positions", "write_span")
-_LOSSES = ("cosine_distance", "kl_between_distributions", "kl_divergence", "mse", "soft_cross_entropy",
-           "task_loss_per_example")
+_LOSSES = ("SoftLoss", "attention_valid_mask", "cosine_distance", "kl_between_distributions", "kl_divergence",
+           "logits_mask", "mse", "soft_cross_entropy", "soft_loss", "task_loss", "task_loss_per_example")
 _LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
 _COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
          "shard_along_dim")
@@ -45,6 +55,7 @@ _STATE = ("tp_rank", "tp_world_size")
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(_SPEC, "gkd.methods.spec"),
     **dict.fromkeys(_API, "gkd.methods.api"),
+    **dict.fromkeys(_CHECKS, "gkd.methods.checks"),
     **dict.fromkeys(_OPERATIONS, "gkd.models.operations"),
     "Operation": "gkd.models.taps",
     "LAYERS_OPERATION": "gkd.models.taps",
@@ -57,20 +68,23 @@ _EXPORTS: dict[str, str] = {
     "MethodRegistrar": "gkd.plugins.registry",
 }
 
+_SUBMODULES = ("checks", "layers", "losses")
+
 _getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __getattr__(name: str) -> object:
-    if name == "losses":  # the sub-module itself, for ``from gkd.methods import losses``
+    if name in _SUBMODULES:  # the sub-module itself, e.g. ``from gkd.methods import losses``
         import importlib
 
-        return importlib.import_module("gkd.methods.losses")
+        return importlib.import_module(f"gkd.methods.{name}")
     return _getattr(name)
 
 
 __all__ = [
     "LAYERS_OPERATION",
     "STUDENT",
+    "FeatureIssue",
     "FeatureUse",
     "ForwardRequest",
     "GkdError",
@@ -84,11 +98,15 @@ __all__ = [
     "Operation",
     "PassPlan",
     "PassView",
+    "SoftLoss",
     "StageKind",
     "StepContext",
     "add_perturbation",
     "all_reduce_mean_over_tp",
     "all_reduce_sum_over_tp",
+    "attention_valid_mask",
+    "check_features",
+    "checks",
     "compose",
     "cosine_distance",
     "gather_along_dim",
@@ -98,20 +116,28 @@ __all__ = [
     "hookimpl",
     "kl_between_distributions",
     "kl_divergence",
+    "layers",
     "load_schema",
+    "logits_issues",
+    "logits_mask",
     "losses",
     "mse",
+    "raise_issues",
     "random_map",
     "replace_with",
     "shard_along_dim",
     "soft_cross_entropy",
+    "soft_loss",
     "stride_map",
     "swap_layers",
+    "task_loss",
     "task_loss_per_example",
     "teacher_key",
+    "teacher_logits",
     "tp_rank",
     "tp_world_size",
     "uniform_map",
+    "validate_feature_patterns",
     "write_positions",
     "write_span",
 ]
@@ -119,7 +145,7 @@ __all__ = [
 if TYPE_CHECKING:
     from gkd.errors import GkdError
     from gkd.hookspecs import hookimpl
-    from gkd.methods import losses
+    from gkd.methods import checks, layers, losses
     from gkd.methods.api import (
         STUDENT,
         ForwardRequest,
@@ -130,15 +156,23 @@ if TYPE_CHECKING:
         PassPlan,
         PassView,
         StepContext,
+        raise_issues,
         teacher_key,
+        teacher_logits,
     )
+    from gkd.methods.checks import FeatureIssue, check_features, logits_issues, validate_feature_patterns
     from gkd.methods.layers import hidden_tap, random_map, stride_map, uniform_map
     from gkd.methods.losses import (
+        SoftLoss,
+        attention_valid_mask,
         cosine_distance,
         kl_between_distributions,
         kl_divergence,
+        logits_mask,
         mse,
         soft_cross_entropy,
+        soft_loss,
+        task_loss,
         task_loss_per_example,
     )
     from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind, load_schema

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkd.errors import GkdError
+from gkd.methods.checks import FeatureIssue
 from gkd.models.taps import Operation
 
 STUDENT = "student"
@@ -41,9 +43,14 @@ def teacher_key(name: str) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What a method may know about a model before it is built."""
+    """What a method may know about a model before it is built.
+
+    The first eight fields are always known (validation reads them from ``config.json``). The
+    last two may be ``None`` for "unknown"; checks then assume the model has them.
+    """
 
     family: str
+    """``"encoder"`` or ``"decoder"``."""
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -51,10 +58,28 @@ class ModelShape:
     ffn_hidden_size: int
     vocab_size: int
     num_labels: int | None = None
+    """Classes of a classification head; ``None`` for other heads."""
+    head: str | None = None
+    """``"none"`` (no logits), ``"lm"``, ``"mlm"`` or ``"classification"``; ``None``: unknown."""
+    has_pooler: bool | None = None
+    """Whether the tap ``pooled`` exists (encoders with a pooler); ``None``: unknown."""
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def has_logits(self) -> bool | None:
+        """Whether the model gives logits (a task head); ``None``: unknown."""
+        return None if self.head is None else self.head != "none"
+
+    @classmethod
+    def from_model_config(cls, cfg: Any) -> ModelShape:
+        """The shape of a :class:`gkd.models.ModelConfig` (every field known)."""
+        labels = cfg.num_labels if cfg.head == "classification" else None
+        return cls(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
+                   cfg.ffn_hidden_size, cfg.vocab_size, labels, head=cfg.head,
+                   has_pooler=bool(cfg.family == "encoder" and cfg.add_pooler))
 
 
 @dataclass(frozen=True)
@@ -127,8 +152,10 @@ class ModelView:
     logits: torch.Tensor | None
     """``None`` for a model without a task head (a pre-trained teacher used for its features)."""
     task_loss: torch.Tensor | None = None
-    """Mean task (hard) loss of this model on the batch, when labels exist."""
+    """Task (hard) loss of this model on the batch, when labels exist: :func:`gkd.methods.losses.task_loss`
+    (one mean over all labelled tokens of the batch; classification: over examples)."""
     task_loss_per_example: torch.Tensor | None = None
+    """``[b]``: :func:`gkd.methods.losses.task_loss_per_example` (for per-example weighting)."""
 
 
 @dataclass
@@ -148,6 +175,26 @@ class PassView:
         return self.models[teacher_key(name)]
 
 
+def teacher_logits(outputs: PassView, teacher: str, method: str) -> torch.Tensor:
+    """A teacher's logits from a method's view; :class:`GkdError` naming ``method`` and the fix
+    when that teacher has no task head (a pre-trained teacher read for its features only)."""
+    logits = outputs.teacher(teacher).logits
+    if logits is None:
+        raise GkdError(f"{method}: teacher '{teacher}' has no task head, so it gives no logits; fine-tune it first "
+                       f"(a stage with 'train: teacher:{teacher}') or use a feature-based method")
+    return logits
+
+
+def raise_issues(issues: list[FeatureIssue]) -> None:
+    """Raise :class:`GkdError` with the messages of ``issues`` (one per line); nothing when empty.
+
+    For a constructor that re-checks its :meth:`Method.check` rules:
+    ``raise_issues(type(self).check(config, context))``.
+    """
+    if issues:
+        raise GkdError("\n".join(issue.message for issue in issues))
+
+
 class Method(nn.Module):
     """Base class of runtime methods; subclasses set ``name`` and implement ``plan``/``loss``.
 
@@ -157,6 +204,19 @@ class Method(nn.Module):
     """
 
     name: str = ""
+
+    @classmethod
+    def check(cls, config: Mapping[str, Any], context: MethodContext) -> list[FeatureIssue]:
+        """Shape rules only this method knows, checked by config validation before any model
+        is built (:func:`gkd.methods.checks.check_features`). Default: none.
+
+        Return one :class:`~gkd.methods.checks.FeatureIssue` per problem, with ``field`` the
+        config key that causes it (or ``None``) and a message naming the method, the model,
+        the values and the fix. ``config`` is validated and defaulted. A constructor that
+        cannot work with the shapes should raise :class:`GkdError` with the same message
+        (:func:`raise_issues` does that).
+        """
+        return []
 
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__()

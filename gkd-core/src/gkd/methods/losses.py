@@ -1,18 +1,49 @@
-"""Loss primitives shared by methods. Masks *remove* positions from the mean.
+"""Loss primitives shared by methods, and the task (hard) loss the engine computes.
 
-The reference implementation multiplied inputs by the mask and still divided by the count of
-all positions, so padding diluted every loss (and masked cosine rows counted as distance 1);
-here a mask selects the positions that are averaged over.
+**Masks select.** A ``mask`` argument (1/True = keep) chooses the positions that are averaged
+over; masked positions count neither in the sum nor in the count. The reference implementation
+multiplied inputs by the mask and still divided by the count of all positions, so padding
+diluted every loss (and masked cosine rows counted as distance 1).
+
+**Broadcasting rule.** Every helper first reduces what belongs to one position (the class or
+vocabulary dimension for :func:`kl_divergence`, :func:`soft_cross_entropy`,
+:func:`kl_between_distributions`, the feature dimension for :func:`cosine_distance`; nothing
+for :func:`mse`). The mask is then aligned with the **leading** dimensions of those
+per-position values: trailing singleton dimensions are appended until it has as many
+dimensions, and size-1 dimensions are expanded. Hence:
+
+* hidden states ``[b, s, h]`` with ``attention_mask`` ``[b, s]``: :func:`mse` averages every
+  element of the real tokens, :func:`cosine_distance` averages over the real tokens;
+* token logits ``[b, s, V]`` with ``attention_mask`` ``[b, s]``: the mean over real tokens
+  (:func:`logits_mask` picks the mask);
+* class logits ``[b, C]`` with ``mask=None``: the mean over examples;
+* attention scores or probs ``[b, heads, s, s]`` with :func:`attention_valid_mask`
+  ``[b, 1, s, s]``: the mean over the valid (query, key) pairs of every head.
+
+A ``[b, s]`` mask never fits ``[b, heads, s, s]`` values (it would align ``s`` with ``heads``):
+build the pair mask with :func:`attention_valid_mask`.
+
+**Task loss.** :func:`task_loss` is the one hard loss of gkd: cross-entropy with a single mean
+over all labelled positions of the batch (classification: over examples; token-level tasks:
+over every token whose label is not ``ignore_index``, the HF/Megatron convention), so training
+and evaluation report the same quantity. :func:`task_loss_per_example` keeps one value per
+example (the mean over that example's labelled tokens), for methods that weight examples
+(MT-BERT). Both are what ``ModelView.task_loss`` / ``ModelView.task_loss_per_example`` hold.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
+SoftLoss = Literal["kl", "ce", "mse"]
+"""The prediction-layer soft losses of :func:`soft_loss`."""
+
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` over positions where ``mask`` is true (mask broadcast from the left)."""
+    """Mean of ``values`` over positions where ``mask`` is true (mask aligned from the left)."""
     if mask is None:
         return values.mean()
     m = mask.to(values.dtype)
@@ -59,10 +90,97 @@ def cosine_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
     return _masked_mean(per_pos, mask)
 
 
+def soft_loss(kind: SoftLoss, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The prediction-layer soft loss of KD-style methods (KD, TMKD, …).
+
+    Args:
+        kind: ``"kl"`` — ``τ²·KL(teacher ‖ student)`` at temperature τ (:func:`kl_divergence`);
+            ``"ce"`` — soft cross-entropy at τ, no τ² (:func:`soft_cross_entropy`);
+            ``"mse"`` — MSE of the raw logits, τ unused (:func:`mse`).
+        student_logits, teacher_logits: ``[b, C]`` or ``[b, s, V]``.
+        temperature: τ.
+        mask: ``[b, s]`` for token logits (see :func:`logits_mask`), ``None`` for class logits.
+    """
+    if kind == "kl":
+        return kl_divergence(student_logits, teacher_logits, temperature, mask)
+    if kind == "ce":
+        return soft_cross_entropy(student_logits, teacher_logits, temperature, mask)
+    if kind == "mse":
+        return mse(student_logits, teacher_logits, mask)
+    raise ValueError(f"unknown soft loss {kind!r}; use 'kl', 'ce' or 'mse'")
+
+
+def logits_mask(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask to average logits losses with: ``attention_mask`` for token logits ``[b, s, V]``
+    (real tokens only), ``None`` for classification logits ``[b, C]`` (every example)."""
+    return attention_mask if logits.dim() == 3 else None
+
+
+def attention_valid_mask(attention_mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """The (query, key) pairs an attention loss may compare: ``[b, 1, s, s]`` bool.
+
+    True where both the query and the key are real tokens and, when ``causal`` (decoders), the
+    key is not after the query. Attention features (``layers.{i}.attention.scores`` and
+    ``.probs``, ``[b, heads, s, s]``) hold a fill value or zero elsewhere; pass this mask to a
+    loss helper, or ``torch.where`` on it, so those entries never enter the arithmetic. The
+    singleton head dimension broadcasts over every head (and over this rank's heads under TP).
+
+    Args:
+        attention_mask: ``[b, s]``, 1 = real token, 0 = padding.
+        causal: Also drop future keys (decoder models).
+    """
+    keep = attention_mask.bool()
+    valid = keep[:, None, :, None] & keep[:, None, None, :]
+    if causal:
+        s = attention_mask.shape[1]
+        valid = valid & torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
+    return valid
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy ``[b, s]`` (0 at ignored positions) and the labelled-token mask."""
+    per_tok = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none", ignore_index=ignore_index)
+    return per_tok, (labels != ignore_index).to(per_tok.dtype)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The task (hard) loss: cross-entropy with one mean over every labelled position of the batch.
+
+    Classification logits ``[b, C]`` with labels ``[b]``: the mean over examples. Token-level
+    logits ``[b, s, V]`` with labels ``[b, s]`` (masked or causal LM; causal labels already
+    shifted): the sum over all tokens whose label is not ``ignore_index`` divided by their
+    count, so an example counts in proportion to its labelled tokens (HF and Megatron do the
+    same). A batch without any labelled token gives 0. Training (the engine's
+    ``ModelView.task_loss``) and evaluation use this function.
+    """
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), labels)
+    per_tok, valid = _token_losses(logits, labels, ignore_index)
+    return (per_tok * valid).sum() / valid.sum().clamp_min(1.0)
+
+
 def task_loss_per_example(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Cross-entropy per example: classification ``[b, C]`` or token-level ``[b, s, V]`` (mean over labelled tokens)."""
+    """Cross-entropy per example, ``[b]``: classification ``[b, C]``, or the mean over that
+    example's labelled tokens for token-level logits ``[b, s, V]`` (0 for an example without
+    any). For per-example weighting (MT-BERT); its mean is *not* :func:`task_loss` when examples
+    have different numbers of labelled tokens."""
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels, reduction="none")
-    per_tok = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none", ignore_index=ignore_index)
-    valid = (labels != ignore_index).float()
+    per_tok, valid = _token_losses(logits, labels, ignore_index)
     return (per_tok * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
+
+
+__all__ = [
+    "SoftLoss",
+    "attention_valid_mask",
+    "cosine_distance",
+    "kl_between_distributions",
+    "kl_divergence",
+    "logits_mask",
+    "mse",
+    "soft_cross_entropy",
+    "soft_loss",
+    "task_loss",
+    "task_loss_per_example",
+]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
-from gkd.methods import load_schema
+from gkd.methods import FeatureUse, MethodRegistrar, MethodSpec, hookimpl, load_schema
 from gkd_methods_builtin.kd.method import KD
 
 SPEC = MethodSpec(
@@ -16,7 +15,11 @@ SPEC = MethodSpec(
     config_schema=load_schema(__name__),
     factory=KD,
     notes="With hard_weight=0 and temperature=1 this is the task stage of PD (pre-trained distillation). "
-          "Padding positions are excluded from token-level means (the reference divided by all positions).",
+          "Padding positions are excluded from token-level means (the reference divided by all positions). "
+          "The hard term is the engine's task loss (gkd.methods.losses.task_loss): for token-level tasks one mean "
+          "over all labelled tokens of the batch, as Hugging Face and Megatron compute it (earlier versions averaged "
+          "per-example means). Validation rejects soft_weight > 0 with a teacher without a task head or with "
+          "logits of another width than the student's.",
 )
 
 

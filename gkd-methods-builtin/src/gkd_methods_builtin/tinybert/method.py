@@ -3,36 +3,31 @@ through a learned projection ``W_h``, then prediction-layer distillation."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from gkd.errors import GkdError
-from gkd.methods import losses
-from gkd.methods.api import (
+from gkd.methods import (
     STUDENT,
+    FeatureIssue,
     ForwardRequest,
     Method,
     MethodContext,
     PassPlan,
     PassView,
     StepContext,
+    all_reduce_mean_over_tp,
+    hidden_tap,
+    logits_issues,
+    losses,
+    raise_issues,
+    random_map,
     teacher_key,
+    teacher_logits,
+    uniform_map,
 )
-from gkd.methods.layers import hidden_tap, random_map, uniform_map
-from gkd.parallel import all_reduce_mean_over_tp
-from gkd_methods_builtin.kd.method import teacher_logits
-
-
-def attention_valid_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """``[b, 1, s, s]`` bool: query and key are real tokens (and key ≤ query when causal)."""
-    keep = attention_mask.bool()
-    valid = keep[:, None, :, None] & keep[:, None, None, :]
-    if causal:
-        s = attention_mask.shape[1]
-        valid = valid & torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
-    return valid
 
 
 def score_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -51,27 +46,49 @@ def score_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor)
 class TinyBERT(Method):
     name = "tinybert"
 
-    def __init__(self, config: dict[str, Any], context: MethodContext) -> None:
+    @classmethod
+    def check(cls, config: Mapping[str, Any], context: MethodContext) -> list[FeatureIssue]:
+        """Equal head counts for the attention loss; a teacher at least as deep as the student
+        for the layer mapping; teacher logits for the prediction loss."""
+        s = context.student
+        issues: list[FeatureIssue] = []
+        for name, t in context.teachers.items():
+            if config["attention"] and s.num_heads != t.num_heads:
+                issues.append(FeatureIssue(
+                    f"teacher '{name}'", "attention",
+                    f"tinybert: the attention loss needs equal head counts (student {s.num_heads}, teacher '{name}' "
+                    f"{t.num_heads}); set config.attention: false or give the student as many heads"))
+            if (config["hidden"] or config["attention"]) and t.num_layers < s.num_layers:
+                issues.append(FeatureIssue(
+                    f"teacher '{name}'", None,
+                    f"tinybert: maps every student layer onto a teacher layer, but the student has {s.num_layers} "
+                    f"layers and teacher '{name}' {t.num_layers}; use a teacher at least as deep as the student"))
+        if config["prediction"]:
+            issues += logits_issues(cls.name, context, field="prediction", fix="or set prediction: false")
+        return issues
+
+    def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
+        raise_issues(self.check(self.config, context))
         s, t = context.student, next(iter(context.teachers.values()))
-        if self.config["attention"] and s.num_heads != t.num_heads:
-            raise GkdError(
-                f"tinybert: the attention loss needs equal head counts (student {s.num_heads}, teacher {t.num_heads});"
-                " set config.attention: false or give the student as many heads"
-            )
-        # One projection shared by every hidden pair, embeddings included, as in the paper.
-        self.proj = nn.Linear(s.hidden_size, t.hidden_size)
+        # One projection shared by every hidden pair, embeddings included. Bias-free, as W_h
+        # in eq. 8 of the paper (the reference code's nn.Linear had a bias).
+        self.proj = nn.Linear(s.hidden_size, t.hidden_size, bias=False)
 
     @property
     def _teacher(self) -> str:
         return self.context.teacher_names[0]
 
+    @property
+    def _maps_layers(self) -> bool:
+        return bool(self.config["hidden"] or self.config["attention"])
+
     def initial_state(self) -> dict[str, Any]:
         t, s = next(iter(self.context.teachers.values())).num_layers, self.context.student.num_layers
-        return {"teacher_map": uniform_map(t, s), "map_block": -1}
+        return {"teacher_map": uniform_map(t, s) if self._maps_layers else [], "map_block": -1}
 
     def _teacher_map(self, step: StepContext, state: dict[str, Any]) -> list[int]:
-        if self.config["layer_mapping"] == "random":
+        if self.config["layer_mapping"] == "random" and self._maps_layers:
             block = step.iteration // self.config["random_every_steps"]
             if block != state["map_block"]:
                 t, s = next(iter(self.context.teachers.values())).num_layers, self.context.student.num_layers
@@ -115,13 +132,13 @@ class TinyBERT(Method):
                 start=torch.zeros(()),
             )
         if attention:
-            valid = attention_valid_mask(mask, causal=self.context.student.family == "decoder")
+            valid = losses.attention_valid_mask(mask, causal=self.context.student.family == "decoder")
             terms["attention"] = cfg["attention_weight"] * sum(
                 (score_mse(s_out.features[s], t_out.features[t], valid) for s, t in attention),
                 start=torch.zeros(()),
             )
         if cfg["prediction"]:
-            lmask = mask if s_out.logits.dim() == 3 else None
             terms["prediction"] = cfg["prediction_weight"] * losses.soft_cross_entropy(
-                s_out.logits, teacher_logits(outputs, self._teacher, self.name), cfg["temperature"], lmask)
+                s_out.logits, teacher_logits(outputs, self._teacher, self.name), cfg["temperature"],
+                losses.logits_mask(s_out.logits, mask))
         return terms

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from gkd import FeatureUse, MethodRegistrar, MethodSpec, hookimpl
-from gkd.methods import load_schema
+from gkd.methods import FeatureUse, MethodRegistrar, MethodSpec, hookimpl, load_schema
 from gkd_methods_multiteacher.tmkd.method import TMKD
 
 SPEC = MethodSpec(
@@ -16,7 +15,10 @@ SPEC = MethodSpec(
     features=FeatureUse(teacher=("logits",), student=("logits",)),
     config_schema=load_schema(__name__),
     factory=TMKD,
-    notes="As in the GKD reference, the original multi-header student is not built; the hard loss is added once.",
+    notes="As in the GKD reference, the original multi-header student is not built; the hard loss is added once. "
+          "The hard term is the engine's task loss (gkd.methods.losses.task_loss): for token-level tasks one mean "
+          "over all labelled tokens of the batch (earlier versions averaged per-example means). Validation rejects a "
+          "teacher without a task head or with logits of another width than the student's.",
 )
 
 

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from gkd.methods.api import STUDENT, ForwardRequest, Method, PassPlan, PassView, StepContext, teacher_key
-from gkd_methods_builtin.kd.method import logits_mask, soft_loss, teacher_logits
+from gkd.methods import (
+    STUDENT,
+    FeatureIssue,
+    ForwardRequest,
+    Method,
+    MethodContext,
+    PassPlan,
+    PassView,
+    StepContext,
+    logits_issues,
+    losses,
+    teacher_key,
+    teacher_logits,
+)
 
 
 class TMKD(Method):
     name = "tmkd"
+
+    @classmethod
+    def check(cls, config: Mapping[str, Any], context: MethodContext) -> list[FeatureIssue]:
+        return logits_issues(cls.name, context)
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
@@ -22,9 +39,10 @@ class TMKD(Method):
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
-        mask = logits_mask(outputs)
+        s_logits = outputs.student.logits
+        mask = losses.logits_mask(s_logits, outputs.batch.get("attention_mask"))
         per_teacher = torch.stack([
-            soft_loss(cfg["soft_loss"], outputs.student.logits, teacher_logits(outputs, t, self.name), cfg["temperature"], mask)
+            losses.soft_loss(cfg["soft_loss"], s_logits, teacher_logits(outputs, t, self.name), cfg["temperature"], mask)
             for t in self.context.teacher_names
         ])
         combined = per_teacher.mean() if cfg["reduction"] == "mean" else per_teacher.sum()
