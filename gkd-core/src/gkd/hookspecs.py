@@ -49,11 +49,19 @@ def gkd_register_methods(register: MethodRegistrar) -> None:
 def gkd_register_commands(cli: click.Group) -> None:
     """Add sub-commands to the ``gkd`` command line.
 
-    Called once when the CLI starts, after methods are loaded. Use ``@cli.command()``
-    to attach commands; a plugin must not replace built-in commands.
+    Called once per plugin, after methods are loaded, and only when gkd needs plugin
+    commands: a command name that is not built in, ``gkd methods list`` or
+    ``gkd env --check-plugins``. ``gkd --help``, ``gkd env`` and the other built-in commands
+    never call it. Use ``@cli.command()`` (or
+    ``cli.add_command``) to attach commands. A plugin may implement only this hook.
+
+    ``cli`` is a staging group of its own: its commands join ``gkd`` only if the call
+    returns and none of them takes the name of a built-in command or of a command another
+    plugin already added. Otherwise the plugin is recorded as broken (``gkd methods list``
+    shows why) and every other command keeps working.
 
     Args:
-        cli: The top-level ``gkd`` click group.
+        cli: A click group standing in for the top-level ``gkd`` group.
     """
 
 

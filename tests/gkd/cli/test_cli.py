@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from click.testing import CliRunner
+from click.utils import make_default_short_help
 
-from gkd.cli import cli
+from gkd.cli import BUILTIN_COMMANDS, EPILOG, cli, load_builtin
 
 ROOT = Path(__file__).parents[3]
 EXAMPLE = ROOT / "examples" / "reuters-minilm" / "config.yaml"
@@ -48,25 +46,76 @@ def test_validate_ok_and_bad_set_key(fresh_plugins):
     assert "training.batchsize: unknown key; did you mean 'batch_size'?" in bad.output
 
 
-def test_env_reports_versions():
+def test_env_reports_versions_without_importing_torch():
     result = CliRunner().invoke(cli, ["env", "--json"])
+    assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["torch"].startswith("2.") and info["megatron-core"].startswith("0.16")
+    assert info["cuda_available"] is None  # not checked without --torch
+    plugins = {p["entry_point"]: p for p in info["plugins"]}
+    assert plugins["kd"] == {"entry_point": "kd", "distribution": "gkd-methods-builtin", "version": "0.1.0",
+                             "module": "gkd_methods_builtin.kd"}
+    text = CliRunner().invoke(cli, ["env"]).output
+    assert "cuda_available             not checked (run `gkd env --torch`)" in text
+
+
+def test_env_torch_and_check_plugins():
+    result = CliRunner().invoke(cli, ["env", "--json", "--torch", "--check-plugins"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
     assert info["cuda_available"] in (True, False)
+    assert isinstance(info["cpu_threads"], int)
+    plugins = {p["entry_point"]: p for p in info["plugins"]}
+    assert plugins["tmkd"]["status"] == "ok" and plugins["tmkd"]["methods"] == ["tmkd"]
 
 
-def _run_gkd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    gkd = Path(sys.executable).parent / "gkd"
-    return subprocess.run([str(gkd), *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=120, check=False)
+def test_help_lists_builtins_and_how_to_find_plugin_commands():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert all(f"  {name} " in result.output for name in BUILTIN_COMMANDS)
+    assert " ".join(EPILOG.split()) in " ".join(result.output.split())
+    assert "-v, --verbose" in result.output
 
 
-def test_real_subprocess_three_mistakes(tmp_path):
+def test_builtin_summaries_match_the_commands():
+    # gkd --help shows the table's summaries without importing the commands; they must not drift.
+    for name, builtin in BUILTIN_COMMANDS.items():
+        command = load_builtin(name)
+        assert command.name == name
+        assert command.get_short_help_str(limit=500) == make_default_short_help(builtin.summary, 500), name
+
+
+def test_unknown_command_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["distil"])
+    assert result.exit_code == 2
+    assert "No such command 'distil'" in result.output
+
+
+def test_distill_prints_its_own_first_line(fresh_plugins, monkeypatch, tmp_path):
+    import gkd.engine.trainer as trainer
+
+    class StopAtOnce:
+        def __init__(self, run, registry, **kwargs):
+            self.kwargs = kwargs
+
+        def execute(self):
+            raise trainer.TrainingInterrupted("stopped before step 1 (test)")
+
+    monkeypatch.setattr(trainer, "Trainer", StopAtOnce)
+    result = CliRunner().invoke(cli, ["distill", str(EXAMPLE), "--set", f"run_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == (f"gkd distill: run 'reuters-minilm' → {tmp_path / 'run'}, 3 stage(s) "
+                        "(teacher-finetune, tinybert, kd)")
+    assert lines[1] == "stopped before step 1 (test)"
+
+
+def test_real_subprocess_three_mistakes(tmp_path, run_gkd):
     bad = tmp_path / "bad.yaml"
     bad.write_text(EXAMPLE.read_text().replace("num_layers: 3", "num_layers: 3\n    colour: red")
                    .replace("limit: 1600", "limit: -5").replace("name: kd\n", "name: kdx\n"))
     # the example's relative paths are pkg: paths, so the copy validates from anywhere
-    proc = _run_gkd("validate", str(bad))
+    proc = run_gkd("validate", str(bad))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == f"Error: {bad}: 3 error(s)"
@@ -76,10 +125,10 @@ def test_real_subprocess_three_mistakes(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_real_subprocess_lists_broken_plugin(make_plugin_dist):
+def test_real_subprocess_lists_broken_plugin(make_plugin_dist, run_gkd):
     site = make_plugin_dist("gkd-broken-example", {"broken-one": "gkd_broken_mod"},
                             {"gkd_broken_mod": "import gkd\nraise ImportError('missing dependency: frobnicate')\n"})
-    proc = _run_gkd("methods", "list", "--json", env={"PYTHONPATH": str(site)})
+    proc = run_gkd("methods", "list", "--json", pythonpath=site)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert rows["broken-one"]["status"] == "error"

@@ -1,8 +1,18 @@
 from __future__ import annotations
 
+import textwrap
+import types
+
 import pytest
 
-from gkd.plugins import MethodLoadError, MethodNotFound, load_plugin_manager
+from gkd.plugins import (
+    GkdPluginManager,
+    MethodLoadError,
+    MethodNotFound,
+    Origin,
+    PluginCommands,
+    load_plugin_manager,
+)
 
 GOOD = """
 import gkd
@@ -99,3 +109,107 @@ def test_trace_hooks_prints_calls(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "[gkd trace] gkd_register_methods(register)" in err
     assert "returned" in err
+
+
+# ------------------------------------------------------------------ plugins that add commands
+
+HELLO = """
+import click
+import gkd
+
+@gkd.hookimpl
+def gkd_register_commands(cli):
+    @cli.command()
+    def hello():
+        click.echo("hello")
+"""
+RAISES = """
+import gkd
+
+@gkd.hookimpl
+def gkd_register_commands(cli):
+    @cli.command()
+    def half_done():
+        pass
+    raise RuntimeError("no commands today")
+"""
+METHOD_AND_BAD_COMMANDS = GOOD + """
+
+@gkd.hookimpl
+def gkd_register_commands(cli):
+    raise KeyError("config")
+"""
+TAKES_ENV = """
+import click
+import gkd
+
+@gkd.hookimpl
+def gkd_register_commands(cli):
+    cli.add_command(click.Command("env", callback=lambda: None))
+"""
+NO_HOOK = "import gkd\n"
+NO_METHOD = """
+import gkd
+
+@gkd.hookimpl
+def gkd_register_methods(register):
+    pass
+"""
+
+
+def _module(name: str, source: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    exec(textwrap.dedent(source), module.__dict__)
+    return module
+
+
+def _manager(**sources: str) -> GkdPluginManager:
+    manager = GkdPluginManager()
+    for name, source in sources.items():
+        manager.add_plugin(_module(name, source), Origin(name, f"dist-{name}", "1.0"))
+    return manager
+
+
+def test_command_only_plugin_is_accepted_and_its_hook_runs_on_demand():
+    manager = _manager(hello=HELLO)
+    assert manager.registry.broken == [] and len(manager.registry) == 0
+    assert manager.command_plugins == []  # not called before the CLI asks
+    commands = manager.plugin_commands(reserved={"env"})
+    assert list(commands) == ["hello"]
+    assert manager.command_plugins == [PluginCommands(Origin("hello", "dist-hello", "1.0"), ("hello",))]
+    assert manager.plugin_commands(reserved={"env"}) == commands  # once per plugin
+    assert len(manager.command_plugins) == 1
+
+
+def test_plugin_must_implement_a_hook_and_methods_hook_must_register():
+    registry = _manager(nothing=NO_HOOK, empty=NO_METHOD).registry
+    reasons = {b.name: b.reason for b in registry.broken}
+    assert reasons == {"nothing": "implements no gkd hook; known: gkd_register_methods, gkd_register_commands",
+                       "empty": "the plugin registered no method"}
+
+
+def test_failing_command_hooks_are_isolated():
+    manager = _manager(raises=RAISES, mixed=METHOD_AND_BAD_COMMANDS, takes_env=TAKES_ENV, hello=HELLO,
+                       hello_again=HELLO)
+    commands = manager.plugin_commands(reserved={"env", "distill"})
+    assert list(commands) == ["hello"]  # nothing half-added by the plugin that raised
+    status = {c.origin.entry_point: (c.status, c.reason) for c in manager.command_plugins}
+    assert status["raises"] == ("error", "gkd_register_commands raised RuntimeError: no commands today")
+    assert status["mixed"] == ("error", "gkd_register_commands raised KeyError: 'config'")
+    assert status["takes_env"][0] == "error"
+    assert "command 'env' would replace the built-in 'gkd env'" in status["takes_env"][1]
+    assert status["hello"] == ("ok", "")
+    assert status["hello_again"] == ("error", "command 'hello' is already added by dist-hello 1.0 (entry point "
+                                              "'hello'); dist-hello_again 1.0 cannot add it again")
+    # The plugin whose commands failed keeps its method.
+    assert manager.registry.get("good-kd").origin.entry_point == "mixed"
+    assert manager.registry.broken == []
+
+
+def test_trace_shows_one_command_hook_call_per_plugin(monkeypatch, capsys):
+    monkeypatch.setenv("GKD_TRACE_HOOKS", "1")
+    _manager(hello=HELLO, raises=RAISES).plugin_commands()
+    err = capsys.readouterr().err
+    assert "[gkd trace] gkd_register_commands(cli) -> [dist-hello:hello]" in err
+    assert "[gkd trace] gkd_register_commands(cli) -> [dist-raises:raises]" in err
+    assert "raised RuntimeError('no commands today')" in err

@@ -20,6 +20,9 @@ def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, pro
 
     registry = get_plugin_manager().registry
     run = load_run_config(config, overrides, registry=registry)
+    # gkd's own first line, before the trainer imports megatron-core and DeepSpeed.
+    click.echo(f"gkd distill: run {run.name!r} → {run.run_dir}, {len(run.stages)} stage(s) "
+               f"({', '.join(s.name for s in run.stages)})")
     trainer = Trainer(run, registry, progress=progress, stop_after=stop_after, echo=click.echo)
     try:
         summary = trainer.execute()

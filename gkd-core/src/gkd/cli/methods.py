@@ -1,4 +1,4 @@
-"""``gkd methods list`` and ``gkd methods show``."""
+"""``gkd methods list`` and ``gkd methods show``: installed methods, and the plugins adding commands."""
 
 from __future__ import annotations
 
@@ -12,41 +12,70 @@ from gkd.plugins.manager import get_plugin_manager
 
 
 def _rows() -> list[dict[str, Any]]:
-    registry = get_plugin_manager().registry
+    """Methods and broken method plugins (sorted by name), then the plugins that add commands."""
+    from gkd.cli import plugin_commands
+
+    plugin_commands()  # calls each plugin's gkd_register_commands, so a broken one is listed too
+    manager = get_plugin_manager()
+    registry = manager.registry
     rows: list[dict[str, Any]] = [
         {"name": m.spec.name, "distribution": m.origin.distribution, "version": m.origin.version,
-         "kind": m.spec.kind, "stages": list(m.spec.stages), "status": "ok", "summary": m.spec.summary}
+         "kind": m.spec.kind, "stages": list(m.spec.stages), "status": "ok", "summary": m.spec.summary,
+         "provides": "method"}
         for m in registry
     ]
     rows += [
         {"name": b.name, "distribution": b.origin.distribution, "version": b.origin.version,
-         "kind": None, "stages": [], "status": b.status, "reason": b.reason}
+         "kind": None, "stages": [], "status": b.status, "reason": b.reason, "provides": "method"}
         for b in registry.broken
     ]
-    return sorted(rows, key=lambda r: r["name"])
+    rows.sort(key=lambda r: r["name"])
+    command_rows = [
+        {"name": c.origin.entry_point, "distribution": c.origin.distribution, "version": c.origin.version,
+         "kind": None, "stages": [], "status": c.status, "provides": "commands", "commands": list(c.commands)}
+        | ({"reason": c.reason} if c.status != "ok" else {})
+        for c in manager.command_plugins
+    ]
+    return rows + sorted(command_rows, key=lambda r: r["name"])
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    table = [header, *rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 @click.group()
 def methods() -> None:
-    """Inspect installed distillation methods."""
+    """Inspect installed distillation methods and plugin commands."""
 
 
 @methods.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per method).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: one object per method, then one per plugin that adds commands (provides: commands).")
 def list_methods(as_json: bool) -> None:
-    """List installed methods: name, distribution, version, kind, status."""
+    """List installed methods (name, distribution, version, kind, status), then plugin commands.
+
+    Broken plugins are listed with status error; their reasons go to standard error.
+    """
     rows = _rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ("NAME", "DISTRIBUTION", "VERSION", "KIND", "STATUS")
-    table = [header] + [(r["name"], r["distribution"], r["version"], r["kind"] or "-", r["status"]) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    for row in table:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    method_rows = [r for r in rows if r["provides"] == "method"]
+    command_rows = [r for r in rows if r["provides"] == "commands"]
+    _table(("NAME", "DISTRIBUTION", "VERSION", "KIND", "STATUS"),
+           [(r["name"], r["distribution"], r["version"], r["kind"] or "-", r["status"]) for r in method_rows])
+    if command_rows:
+        click.echo("")
+        _table(("PLUGIN", "DISTRIBUTION", "VERSION", "COMMANDS", "STATUS"),
+               [(r["name"], r["distribution"], r["version"], ", ".join(f"gkd {c}" for c in r["commands"]) or "-",
+                 r["status"]) for r in command_rows])
     for r in rows:
         if r["status"] != "ok":
-            click.echo(f"  ! {r['name']}: {r['reason']}", err=True)
+            what = " (commands)" if r["provides"] == "commands" else ""
+            click.echo(f"  ! {r['name']}{what}: {r['reason']}", err=True)
 
 
 @methods.command("show")

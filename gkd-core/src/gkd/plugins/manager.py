@@ -1,5 +1,10 @@
-"""Loading method plugins from entry points, one at a time, so that one bad plugin cannot
-stop the others.
+"""Loading plugins from entry points, one at a time, so that one bad plugin cannot stop the
+others.
+
+Every hook is called per plugin (a pluggy subset caller holding just that plugin), so a hook
+that raises marks only its own plugin as broken. ``gkd_register_methods`` runs when the
+plugin loads; ``gkd_register_commands`` only when the command line needs plugin commands
+(:meth:`GkdPluginManager.plugin_commands`).
 
 Environment switches:
 
@@ -17,19 +22,23 @@ import importlib.metadata as md
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from gkd import hookspecs
-from gkd.plugins.registry import InvalidMethodSpec, MethodRegistrar, MethodRegistry, Origin
+from gkd.plugins.discovery import BUILTIN_DISTRIBUTIONS, ENTRY_POINT_GROUP
+from gkd.plugins.discovery import entry_points as _entry_points
+from gkd.plugins.registry import InvalidMethodSpec, MethodRegistrar, MethodRegistry, Origin, PluginCommands
 
-ENTRY_POINT_GROUP = "gkd.methods"
+if TYPE_CHECKING:
+    import click
+
 ENV_LOAD = "GKD_LOAD_METHODS"
 ENV_DISABLE = "GKD_DISABLE_METHODS"
 ENV_TRACE = "GKD_TRACE_HOOKS"
-BUILTIN_DISTRIBUTIONS = ("gkd-methods-builtin", "gkd-methods-multiteacher")
-"""Loaded first, so a third-party plugin can never take a built-in method's name."""
+KNOWN_HOOKS: tuple[str, ...] = tuple(name for name in vars(hookspecs) if name.startswith("gkd_"))
+"""Every hook a plugin may implement, in the order :mod:`gkd.hookspecs` defines them."""
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -39,29 +48,20 @@ def _env_list(name: str) -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-def _entry_points() -> list[md.EntryPoint]:
-    seen: set[tuple[str, str]] = set()
-    result = []
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        # An editable install can expose the same distribution twice on sys.path.
-        key = (ep.name, ep.value)
-        if key not in seen:
-            seen.add(key)
-            result.append(ep)
-    def order(ep: md.EntryPoint) -> tuple[int, str, str]:
-        dist = ep.dist.name if ep.dist else ""
-        return (0 if dist in BUILTIN_DISTRIBUTIONS else 1, dist, ep.name)
-
-    return sorted(result, key=order)
-
-
 class GkdPluginManager:
-    """Typed facade over :class:`pluggy.PluginManager` holding the method registry."""
+    """Typed facade over :class:`pluggy.PluginManager` holding the method registry and the
+    commands plugins add."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.registry = MethodRegistry()
+        self.command_plugins: list[PluginCommands] = []
+        """One record per plugin whose ``gkd_register_commands`` was called: its commands or
+        why it is broken."""
+        self._commands: dict[str, click.Command] = {}
+        self._command_origins: dict[str, Origin] = {}
+        self._pending_commands: list[tuple[Any, Origin]] = []
         self._undo_trace = None
         if os.environ.get(ENV_TRACE, "") not in ("", "0"):
             self.enable_tracing()
@@ -88,22 +88,24 @@ class GkdPluginManager:
     def add_plugin(self, plugin: Any, origin: Origin) -> bool:
         """Register one plugin object (module or instance) and collect its methods.
 
-        Research code can call this directly to use a method without packaging it.
-        Returns False when the plugin was recorded as broken.
+        A plugin must implement at least one gkd hook; one that only adds commands may
+        register no method. Research code can call this directly to use a method without
+        packaging it. Returns False when the plugin was recorded as broken.
         """
         name = f"{origin.distribution}:{origin.entry_point}"
         try:
             self.pm.register(plugin, name=name)
-            unknown = [
-                hc.name for hc in self.pm.get_hookcallers(plugin) or [] if hc.spec is None and hc.name.startswith("gkd_")
-            ]
+            hooks = {hc.name for hc in self.pm.get_hookcallers(plugin) or [] if hc.name.startswith("gkd_")}
+            unknown = sorted(hooks - set(KNOWN_HOOKS))
             if unknown:
-                raise InvalidMethodSpec(f"implements unknown hook(s) {unknown}; known: gkd_register_methods, gkd_register_commands")
+                raise InvalidMethodSpec(f"implements unknown hook(s) {unknown}; known: {', '.join(KNOWN_HOOKS)}")
+            if not hooks:
+                raise InvalidMethodSpec(f"implements no gkd hook; known: {', '.join(KNOWN_HOOKS)}")
             registrar = MethodRegistrar(origin)
-            others = [p for p in self.pm.get_plugins() if p is not plugin]
-            self.pm.subset_hook_caller("gkd_register_methods", remove_plugins=others)(register=registrar)
-            if not registrar.specs:
-                raise InvalidMethodSpec("the plugin registered no method")
+            if "gkd_register_methods" in hooks:
+                self._call_one(plugin, "gkd_register_methods", register=registrar)
+                if not registrar.specs and "gkd_register_commands" not in hooks:
+                    raise InvalidMethodSpec("the plugin registered no method")
             for spec in registrar.specs:  # all or nothing: check every name before adding any
                 self.registry.check_free(spec.name, origin)
             for spec in registrar.specs:
@@ -114,12 +116,58 @@ class GkdPluginManager:
             reason = str(exc) if isinstance(exc, InvalidMethodSpec) else f"{type(exc).__name__}: {exc}"
             self.registry.mark_broken(origin.entry_point, origin, reason)
             return False
+        if "gkd_register_commands" in hooks:
+            self._pending_commands.append((plugin, origin))
         return True
+
+    # ----------------------------------------------------------------- commands
+
+    def plugin_commands(self, reserved: Iterable[str] = ()) -> dict[str, click.Command]:
+        """The commands plugins add, by name, calling each pending plugin's
+        ``gkd_register_commands`` once.
+
+        Each plugin gets a fresh staging group; its commands are accepted all or nothing, and
+        only if none takes a name in ``reserved`` (the built-in commands) or one another
+        plugin already added. A plugin whose hook raises or collides is recorded in
+        :attr:`command_plugins` with status ``error``; the other plugins' commands still work.
+        """
+        import click
+
+        reserved = set(reserved)
+        while self._pending_commands:
+            plugin, origin = self._pending_commands.pop(0)
+            staging = click.Group(name="gkd")
+            try:
+                self._call_one(plugin, "gkd_register_commands", cli=staging)
+                added = dict(staging.commands)
+                for cmd_name in sorted(added):
+                    self._check_command_free(cmd_name, origin, reserved)
+            except Exception as exc:  # third-party code: any failure marks only this plugin
+                reason = str(exc) if isinstance(exc, InvalidMethodSpec) else (
+                    f"gkd_register_commands raised {type(exc).__name__}: {exc}")
+                self.command_plugins.append(PluginCommands(origin, (), reason, status="error"))
+                continue
+            self._commands.update(added)
+            self._command_origins.update(dict.fromkeys(added, origin))
+            self.command_plugins.append(PluginCommands(origin, tuple(sorted(added))))
+        return dict(self._commands)
+
+    def _check_command_free(self, name: str, origin: Origin, reserved: set[str]) -> None:
+        if name in reserved:
+            raise InvalidMethodSpec(f"command {name!r} would replace the built-in 'gkd {name}'; plugins cannot do that")
+        if name in self._commands:
+            other = self._command_origins[name]
+            raise InvalidMethodSpec(
+                f"command {name!r} is already added by {other.distribution} {other.version}"
+                f" (entry point {other.entry_point!r}); {origin.distribution} {origin.version} cannot add it again"
+            )
 
     # ----------------------------------------------------------------- hooks
 
-    def register_commands(self, cli: Any) -> None:
-        self.pm.hook.gkd_register_commands(cli=cli)
+    def _call_one(self, plugin: Any, hook: str, **kwargs: Any) -> Any:
+        # A caller holding only this plugin, so its failure is its own and no other plugin's.
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        return self.pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
 
     def enable_tracing(self) -> None:
         def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
@@ -158,5 +206,5 @@ def reset_plugin_manager() -> None:
     _CACHED = None
 
 
-__all__ = ["ENTRY_POINT_GROUP", "GkdPluginManager", "get_plugin_manager", "load_plugin_manager",
-           "reset_plugin_manager"]
+__all__ = ["BUILTIN_DISTRIBUTIONS", "ENTRY_POINT_GROUP", "KNOWN_HOOKS", "GkdPluginManager", "get_plugin_manager",
+           "load_plugin_manager", "reset_plugin_manager"]

@@ -42,6 +42,17 @@ class BrokenMethod:
     """``"error"`` (failed to load or register) or ``"disabled"`` (by an environment variable)."""
 
 
+@dataclass(frozen=True)
+class PluginCommands:
+    """What one plugin's ``gkd_register_commands`` added, or why it added nothing."""
+
+    origin: Origin
+    commands: tuple[str, ...]
+    reason: str = ""
+    status: str = "ok"
+    """``"ok"``, or ``"error"`` when the hook raised or a command took a name already in use."""
+
+
 class InvalidMethodSpec(ValueError):
     """Raised by :class:`MethodRegistrar` when a spec cannot be accepted."""
 
