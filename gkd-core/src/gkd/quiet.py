@@ -1,8 +1,8 @@
 """Silencing the start-up notices of gkd's dependencies, for the ``gkd`` command only.
 
-A first ``gkd distill`` used to print seven notices from megatron-core and DeepSpeed before
+A first ``gkd distill`` used to print six notices from megatron-core and DeepSpeed before
 any line of gkd's own, none of them something a gkd user can act on: gkd never uses
-Transformer Engine, Apex or CUDA graphs, and picks the device itself. Each rule here
+Transformer Engine or Apex, and picks the device itself. Each rule here
 matches one known message from one module, so any other warning still shows; ``gkd -v``
 shows these too. Importing gkd as a library installs nothing: only the ``gkd`` group calls
 :func:`quiet_dependencies`.
@@ -33,10 +33,6 @@ WARNING_RULES: tuple[WarningRule, ...] = (
     # optimizers are torch's, so the fallback is what gkd wants anyway.
     WarningRule(r"Transformer Engine and Apex are not installed\. Falling back to ", UserWarning,
                 r"megatron\.core\."),
-    # megatron-core 0.16's own default ``cuda_graph_scope="full"`` trips its deprecation
-    # warning on every TransformerConfig (once per model gkd builds); gkd uses no CUDA graphs.
-    WarningRule(r"full scope is deprecated\. Use empty cuda_graph_scope", UserWarning,
-                r"megatron\.core\.transformer\.transformer_config$"),
 )
 
 LOG_RULES: dict[str, tuple[str, ...]] = {

@@ -55,9 +55,10 @@ def gkd_register_commands(cli):
         import deepspeed  # noqa: F401
         import megatron.core  # noqa: F401
         import megatron.core.optimizer  # noqa: F401
-        from megatron.core.transformer.transformer_config import TransformerConfig
+        from gkd.models import ModelConfig
 
-        TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2)
+        ModelConfig(family="encoder", vocab_size=10, hidden_size=8, num_layers=2, num_attention_heads=2,
+                    ffn_hidden_size=16).to_transformer_config(1)
         click.echo("noisy done")
 """
 

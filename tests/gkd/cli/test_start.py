@@ -38,7 +38,6 @@ def test_fast_commands_import_no_torch_megatron_or_plugin(args):
 # The notices gkd.quiet hides, as they start (megatron-core 0.16, DeepSpeed 0.19).
 NOTICES = (
     "UserWarning: Transformer Engine and Apex are not installed. Falling back",
-    "UserWarning: full scope is deprecated. Use empty cuda_graph_scope",
     "Setting accelerator to CPU.",
 )
 

@@ -128,3 +128,14 @@ def test_decoder_hf_round_trip(decoder_cfg) -> None:
     built = transformers.LlamaConfig.from_dict(hf)
     assert (built.num_key_value_heads, built.head_dim, built.tie_word_embeddings) == (2, 16, False)
     assert dataclasses.replace(cfg, num_layers=1).num_layers == 1
+
+
+def test_transformer_config_raises_no_deprecation_warning(encoder_cfg, decoder_cfg) -> None:
+    # megatron 0.16 warns about its own default cuda_graph_scope="full"; gkd passes [] instead.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder_cfg().to_transformer_config(1)
+        decoder_cfg().to_transformer_config(1)
+    assert [str(w.message) for w in caught] == []

@@ -238,6 +238,8 @@ class ModelConfig:
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
             rotary_interleaved=False,
+            # megatron 0.16's default "full" is deprecated (and warns); [] means the same.
+            cuda_graph_scope=[],
         )
 
     # ------------------------------------------------------------------ Hugging Face
