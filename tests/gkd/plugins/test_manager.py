@@ -213,3 +213,19 @@ def test_trace_shows_one_command_hook_call_per_plugin(monkeypatch, capsys):
     assert "[gkd trace] gkd_register_commands(cli) -> [dist-hello:hello]" in err
     assert "[gkd trace] gkd_register_commands(cli) -> [dist-raises:raises]" in err
     assert "raised RuntimeError('no commands today')" in err
+
+
+BAD_FEATURES = """
+import gkd
+
+@gkd.hookimpl
+def gkd_register_methods(register):
+    register(gkd.MethodSpec(name="bad-features", summary="s", citation="c", kind="single-teacher", stages=("task",),
+        features=gkd.FeatureUse(teacher=("layers.{i}.atention.scores",), student=("logits",))))
+"""
+
+
+def test_a_spec_with_an_unknown_feature_pattern_is_broken():
+    (broken,) = _manager(bad=BAD_FEATURES).registry.broken
+    assert broken.reason.startswith("method 'bad-features': teacher feature ")
+    assert "atention.scores" in broken.reason

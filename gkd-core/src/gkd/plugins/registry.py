@@ -75,6 +75,11 @@ def check_spec(spec: MethodSpec) -> None:
         raise InvalidMethodSpec(f"method {spec.name!r} declares an invalid config schema at {where}: {exc.message}") from None
     if spec.config_schema.get("type", "object") != "object":
         raise InvalidMethodSpec(f"method {spec.name!r}: config schema must describe an object")
+    from gkd.methods.checks import validate_feature_patterns  # imports torch: only with a method to check
+
+    problems = validate_feature_patterns(spec.features)
+    if problems:
+        raise InvalidMethodSpec(f"method {spec.name!r}: " + "; ".join(problems))
 
 
 class MethodRegistrar:
