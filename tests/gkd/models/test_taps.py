@@ -149,6 +149,31 @@ def test_features_keep_their_graph(encoder_cfg, batch) -> None:
     assert model.classifier.weight.grad is None  # the classifier is not on any feature's path
 
 
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_gradients_with_respect_to_recorded_features(family: str, encoder_cfg, decoder_cfg, batch) -> None:
+    """A recorded feature is on the pass's own path: d(loss)/d(feature) exists and equals the
+    gradient taken through an operation that hands the pass a leaf at that point."""
+    cfg = encoder_cfg(head="classification") if family == "encoder" else decoder_cfg()
+    model = build_model(cfg, seed=5)
+    b = batch(100)
+    names = ["embeddings", "layers.0.output", "layers.1.attention.context", "layers.0.attention.value"]
+    with model.capture(set(names)) as f:
+        out = model(**b)
+    grads = torch.autograd.grad(out.logits.square().mean(), [f[n] for n in names])
+    for name, g in zip(names, grads, strict=True):
+        assert g.shape == f[name].shape and float(g.abs().sum()) > 0, name
+    leaf: dict[str, torch.Tensor] = {}
+
+    def as_leaf(e: torch.Tensor) -> torch.Tensor:
+        leaf["e"] = e.detach().requires_grad_(True)
+        return leaf["e"]
+
+    with model.capture(operations={"embeddings": as_leaf}):
+        again = model(**b)
+    (expected,) = torch.autograd.grad(again.logits.square().mean(), leaf["e"])
+    torch.testing.assert_close(grads[0], expected)
+
+
 def test_capture_is_single_use_and_does_not_nest(encoder_cfg, batch) -> None:
     model = build_model(encoder_cfg()).eval()
     b = batch(100)

@@ -131,8 +131,12 @@ class CaptureSession:
                 )
             value = _from_public(new, layout) if new is not public else value
         if name in self.features:
-            # Recorded after the operation: the feature is what the rest of the pass sees.
-            self.values[name] = _to_public(value, layout)
+            # Recorded after the operation: the feature is what the rest of the pass sees. The
+            # pass continues from a view *of the recorded tensor*, so a method can differentiate
+            # with respect to a feature (LRC-BERT's gradient w.r.t. the embeddings).
+            public = _to_public(value, layout)
+            self.values[name] = public
+            value = _from_public(public, layout) if public is not value else value
         return value
 
     def select_layers(self, layers: list[nn.Module]) -> list[nn.Module]:
