@@ -46,8 +46,10 @@ from gkd.engine.serialize import (
     encode_state,
     flatten_optimizer_state,
     load_tensors,
+    read_json,
     restore_rng_state,
     unflatten_optimizer_state,
+    write_json,
     write_safetensors,
 )
 
@@ -128,14 +130,6 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor] | None) -> Mapping[s
     return obj
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -189,20 +183,20 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, *, model: nn.Module |
         if optimizer is not None:
             tensors, meta = flatten_optimizer_state(optimizer.state_dict())
             write_safetensors(tmp / "optimizer.safetensors", tensors)
-            _write_json(tmp / "optimizer.json", meta)
+            write_json(tmp / "optimizer.json", meta)
         if scheduler is not None:
-            _write_json(tmp / "scheduler.json", encode_state(scheduler.state_dict(), "scheduler", None))
+            write_json(tmp / "scheduler.json", encode_state(scheduler.state_dict(), "scheduler", None))
         rng_tensors, rng_meta = capture_rng_state()
         write_safetensors(tmp / "rng.safetensors", rng_tensors, {_RNG_META: json.dumps(rng_meta)})
         try:
-            _write_json(tmp / "state.json", state.to_dict())
+            write_json(tmp / "state.json", state.to_dict())
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint state is not JSON-serialisable ({e}); method states must be "
                                   f"plain JSON") from None
         if config is not None:
-            _write_json(tmp / "config.json", dict(config))
+            write_json(tmp / "config.json", dict(config))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_json(tmp / COMPLETE, {"format": FORMAT_VERSION, "global_step": state.global_step, "files": files})
+        write_json(tmp / COMPLETE, {"format": FORMAT_VERSION, "global_step": state.global_step, "files": files})
         fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. at the end of a resumed stage)
             os.rename(final, old)
@@ -242,13 +236,6 @@ def prune_checkpoints(run_dir: Path, keep_last: int, protect: Path | None = None
     return removed
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
-
-
 def _load_module(module: nn.Module, path: Path, strict: bool) -> None:
     tensors, _ = load_tensors(path)
     try:
@@ -281,7 +268,7 @@ def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn
     path = Path(path)
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or state.json)")
-    marker = _read_json(path / COMPLETE)
+    marker = read_json(path / COMPLETE)
     if int(marker.get("format", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer gkd (checkpoint format {marker['format']}, "
                               f"this one reads up to {FORMAT_VERSION})")
@@ -299,15 +286,15 @@ def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn
             raise CheckpointError(f"{path} holds no optimizer state")
         tensors, _ = load_tensors(path / "optimizer.safetensors")
         try:
-            optimizer.load_state_dict(unflatten_optimizer_state(tensors, _read_json(path / "optimizer.json")))
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, read_json(path / "optimizer.json")))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e})") from None
     if scheduler is not None:
         if not (path / "scheduler.json").is_file():
             raise CheckpointError(f"{path} holds no scheduler state")
-        scheduler.load_state_dict(decode_state(_read_json(path / "scheduler.json"), {}))
+        scheduler.load_state_dict(decode_state(read_json(path / "scheduler.json"), {}))
     if restore_rng:
         tensors, meta = load_tensors(path / "rng.safetensors")
         restore_rng_state(tensors, json.loads(meta[_RNG_META]))
-    return CheckpointState.from_dict(_read_json(path / "state.json"))
+    return CheckpointState.from_dict(read_json(path / "state.json"))
 
