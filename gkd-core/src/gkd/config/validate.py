@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gkd.config import resolve
 from gkd.config.errors import ConfigIssue
@@ -26,50 +26,42 @@ from gkd.config.schema import apply_defaults, closest, run_schema, schema_issues
 from gkd.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
 
+if TYPE_CHECKING:  # the method API imports torch; checking a config needs it only with methods
+    from gkd.methods.api import ModelShape
 
-@dataclass(frozen=True)
-class Shape:
-    """A model's shape as read from its ``config.json`` (plus ``student.architecture``)."""
 
-    model_type: str
-    family: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    ffn_hidden_size: int
-    vocab_size: int
-    head: str | None = None
-    """The checkpoint's own head (from ``architectures``); None when it cannot be told."""
+def shape_from_hf(cfg: dict[str, Any]) -> ModelShape | None:
+    """A checkpoint's shape from its ``config.json`` (None: not a model gkd reads), with the
+    checkpoint's own head (from ``architectures``)."""
+    family = resolve.family_of(str(cfg.get("model_type", "?")))
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    if family is None or not all(isinstance(cfg.get(k), int) for k in keys):
+        return None
+    from gkd.methods.api import ModelShape
 
-    @staticmethod
-    def from_hf(cfg: dict[str, Any]) -> Shape | None:
-        family = resolve.family_of(str(cfg.get("model_type", "?")))
-        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-        if family is None or not all(isinstance(cfg.get(k), int) for k in keys):
-            return None
-        heads = cfg["num_attention_heads"]
-        return Shape(cfg["model_type"], family, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
-                     int(cfg.get("num_key_value_heads") or heads), cfg["intermediate_size"],
-                     int(cfg.get("vocab_size") or 0), _own_head(cfg))
+    heads = cfg["num_attention_heads"]
+    return ModelShape(family, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                      int(cfg.get("num_key_value_heads") or heads), cfg["intermediate_size"],
+                      int(cfg.get("vocab_size") or 0), head=_own_head(cfg))
 
-    def with_overrides(self, arch: Any) -> Shape:
-        if not isinstance(arch, dict):
-            return self
-        given = {k: v for k, v in arch.items() if isinstance(v, int)}
-        if "num_heads" in given and "num_kv_heads" not in given:
-            given["num_kv_heads"] = given["num_heads"]
-        return replace(self, **given)
 
-    def model_shape(self, task_head: str | None, num_labels: int | None, *, student: bool) -> Any:
-        """The :class:`gkd.methods.ModelShape` a method will see: the student always has the
-        task's head; a teacher has it when its checkpoint does, else its own (as the engine builds them)."""
-        from gkd.methods import ModelShape
+def with_overrides(shape: ModelShape, arch: Any) -> ModelShape:
+    """``student.architecture`` applied to a shape (its keys are ModelShape's field names)."""
+    if not isinstance(arch, dict):
+        return shape
+    given = {k: v for k, v in arch.items() if isinstance(v, int)}
+    if "num_heads" in given and "num_kv_heads" not in given:
+        given["num_kv_heads"] = given["num_heads"]
+    return replace(shape, **given)
 
-        head = task_head if student or self.head == task_head else self.head
-        return ModelShape(self.family, self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads,
-                          self.ffn_hidden_size, self.vocab_size, num_labels if head == "classification" else None,
-                          head=head, has_pooler=None if head is None else self.family == "encoder" and head != "mlm")
+
+def as_seen_by_methods(shape: ModelShape, task_head: str | None, num_labels: int | None, *,
+                       student: bool) -> ModelShape:
+    """The shape a method will see: the student always has the task's head; a teacher has it
+    when its checkpoint does, else its own (as the engine builds them)."""
+    head = task_head if student or shape.head == task_head else shape.head
+    return replace(shape, head=head, num_labels=num_labels if head == "classification" else None,
+                   has_pooler=None if head is None else shape.family == "encoder" and head != "mlm")
 
 
 def _own_head(cfg: dict[str, Any]) -> str | None:
@@ -87,7 +79,7 @@ class _Checker:
         self.base_dir = base_dir
         self.registry = registry
         self.issues: list[ConfigIssue] = []
-        self.shapes: dict[str, Shape] = {}
+        self.shapes: dict[str, ModelShape] = {}
         """Teacher name -> shape (defined teachers, then published ones as stages go)."""
 
     def add(self, path: str, message: str) -> None:
@@ -108,7 +100,7 @@ class _Checker:
             return None
         return p
 
-    def checkpoint_shape(self, value: Any, where: str) -> Shape | None:
+    def checkpoint_shape(self, value: Any, where: str) -> ModelShape | None:
         p = self.path(value, where, kind="checkpoint directory")
         if p is None:
             return None
@@ -121,7 +113,7 @@ class _Checker:
         except (OSError, json.JSONDecodeError) as exc:
             self.add(where, f"cannot read {cfg_path}: {exc}")
             return None
-        shape = Shape.from_hf(cfg) if isinstance(cfg, dict) else None
+        shape = shape_from_hf(cfg) if isinstance(cfg, dict) else None
         if shape is None:
             model_type = cfg.get("model_type", "?") if isinstance(cfg, dict) else "?"
             supported = ", ".join(sorted(resolve.ENCODER_TYPES | resolve.DECODER_TYPES))
@@ -173,12 +165,12 @@ class _Checker:
             if isinstance(ds, dict):
                 self.path(ds.get("path"), f"{where}.{split}.path", kind="data file")
 
-    def check_student_init(self, init: Any, where: str, arch: Any, available: tuple[str, ...]) -> Shape | None:
+    def check_student_init(self, init: Any, where: str, arch: Any, available: tuple[str, ...]) -> ModelShape | None:
         """Check a student_init block; returns the student's shape when it can be known."""
         if not isinstance(init, dict):
             return None
         strategy = init.get("strategy")
-        shape: Shape | None = None
+        shape: ModelShape | None = None
         if strategy in ("pretrained", "run"):
             if "path" not in init:
                 self.add(where, f"strategy '{strategy}' needs 'path'")
@@ -204,9 +196,9 @@ class _Checker:
                 shape = self.checkpoint_shape(init["path"], f"{where}.path")
             if shape is not None:
                 shape = self._depth(init, where, strategy, shape, arch)
-        return shape.with_overrides(arch) if shape is not None else None
+        return with_overrides(shape, arch) if shape is not None else None
 
-    def _depth(self, init: dict[str, Any], where: str, strategy: str, shape: Shape, arch: Any) -> Shape:
+    def _depth(self, init: dict[str, Any], where: str, strategy: str, shape: ModelShape, arch: Any) -> ModelShape:
         layers = init.get("layers", "strided")
         depth = init.get("num_layers") or (arch.get("num_layers") if isinstance(arch, dict) else None)
         total = shape.num_layers
@@ -223,7 +215,7 @@ class _Checker:
             self.add(f"{where}.num_layers", f"{depth} layers cannot be truncated from a {total}-layer teacher")
         return replace(shape, num_layers=depth) if isinstance(depth, int) else shape
 
-    def check_stages(self, student: Shape | None, arch: Any) -> list[Shape]:
+    def check_stages(self, student: ModelShape | None, arch: Any) -> list[ModelShape]:
         """Check every stage; returns every student shape the run goes through."""
         seen_shapes = [student] if student is not None else []
         names: set[str] = set()
@@ -271,7 +263,7 @@ class _Checker:
         return resolve.HEAD_FOR_TASK.get(str(task.get("type"))) if isinstance(task, dict) else None
 
     def check_methods(self, methods: list[Any], where: str, stage_kind: Any, stage_teachers: list[str],
-                      student: Shape | None) -> None:
+                      student: ModelShape | None) -> None:
         for k, entry in enumerate(methods):
             mwhere = f"{where}.methods[{k}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or self.registry is None:
@@ -302,7 +294,7 @@ class _Checker:
             elif config_ok and student is not None and all(t in self.shapes for t in teachers):
                 self.check_features(spec, apply_defaults(spec.config_schema, config), mwhere, stage_kind, student, teachers)
 
-    def check_features(self, spec: Any, config: dict[str, Any], where: str, stage_kind: Any, student: Shape,
+    def check_features(self, spec: Any, config: dict[str, Any], where: str, stage_kind: Any, student: ModelShape,
                        teachers: list[str]) -> None:
         """The method's declared features and shape rules against the models' shapes."""
         from gkd.methods import MethodContext
@@ -311,15 +303,15 @@ class _Checker:
         task = self.raw.get("task") if isinstance(self.raw.get("task"), dict) else {}
         head, labels = self._task_head(), task.get("num_labels")
         parallel = self.raw.get("parallel") if isinstance(self.raw.get("parallel"), dict) else {}
-        context = MethodContext(student=student.model_shape(head, labels, student=True),
-                                teachers={t: self.shapes[t].model_shape(head, labels, student=False) for t in teachers},
+        context = MethodContext(student=as_seen_by_methods(student, head, labels, student=True),
+                                teachers={t: as_seen_by_methods(self.shapes[t], head, labels, student=False) for t in teachers},
                                 task=str(task.get("type", "")), stage_kind=str(stage_kind),
                                 tensor_parallel=int(parallel.get("tensor_parallel", 1)))
         for issue in check_features(spec, config, context):
             field = f"{where}.config.{issue.field}" if issue.field else f"{where}.name"
             self.add(field, issue.message)
 
-    def check_parallel(self, parallel: Any, student_shapes: list[Shape]) -> None:
+    def check_parallel(self, parallel: Any, student_shapes: list[ModelShape]) -> None:
         parallel = parallel if isinstance(parallel, dict) else {}
         tp = parallel.get("tensor_parallel", 1)
         zero = parallel.get("zero") if isinstance(parallel.get("zero"), dict) else {}
@@ -348,7 +340,7 @@ class _Checker:
             shape = self.shapes.get(name)
             if shape is not None and shape.family != wants:
                 self.add("task.type", f"'{task['type']}' needs {'a decoder' if wants == 'decoder' else 'an encoder'}; "
-                                      f"teacher '{name}' is a '{shape.model_type}' model")
+                                      f"teacher '{name}' is {'a decoder' if wants == 'encoder' else 'an encoder'}")
 
 
 def check_config(raw: dict[str, Any], base_dir: Path, registry: MethodRegistry | None) -> list[ConfigIssue]:
@@ -364,4 +356,4 @@ def _natural(path: str) -> list[tuple[int, Any]]:
     return [(0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.split(r"(\d+)", path)]
 
 
-__all__ = ["Shape", "check_config"]
+__all__ = ["as_seen_by_methods", "check_config", "shape_from_hf", "with_overrides"]
