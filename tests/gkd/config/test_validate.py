@@ -191,3 +191,18 @@ def test_features_that_do_not_fit_the_models_are_rejected_before_any_model_is_bu
     assert "tinybert" in found[0] and "student" in found[0] and "teacher 'big'" in found[0]
     cfg["stages"][0]["methods"] = [{"name": "tinybert", "config": {"attention": False}}]
     assert load(tmp_path, cfg, registry).stages[0].methods[0].config["attention"] is False
+
+
+def test_two_methods_claiming_the_hard_loss_are_refused_naming_both(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["stages"][0]["teachers"] = ["big", "big2"]
+    cfg["stages"][0]["methods"] = [{"name": "kd", "teachers": ["big"]}, {"name": "tmkd"}]
+    found = messages(tmp_path, cfg, registry)
+    assert found == ["stages[0].methods[1].config.hard_weight: methods 'kd' (methods[0].config.hard_weight) and 'tmkd' "
+                     "both claim the hard (gold-label) loss; only one method of a stage may (set hard_weight: 0 on "
+                     "one of them)"]
+    cfg["stages"][0]["methods"][1]["config"] = {"hard_weight": 0}
+    assert [m.name for m in load(tmp_path, cfg, registry).stages[0].methods] == ["kd", "tmkd"]
+    cfg["stages"][0]["methods"].append({"name": "kd", "teachers": ["big2"]})
+    assert messages(tmp_path, cfg, registry) == [
+        "stages[0].methods[2].name: method 'kd' is selected twice in this stage; combine its settings in one entry"]

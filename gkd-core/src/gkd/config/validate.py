@@ -264,9 +264,15 @@ class _Checker:
 
     def check_methods(self, methods: list[Any], where: str, stage_kind: Any, stage_teachers: list[str],
                       student: ModelShape | None) -> None:
+        claims: dict[str, tuple[str, str, int]] = {}
+        """resource -> (method, field, index) of the first method of the stage that claims it."""
         for k, entry in enumerate(methods):
             mwhere = f"{where}.methods[{k}]"
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or self.registry is None:
+                continue
+            if any(isinstance(e, dict) and e.get("name") == entry["name"] for e in methods[:k]):
+                self.add(f"{mwhere}.name", f"method '{entry['name']}' is selected twice in this stage; "
+                                           "combine its settings in one entry")
                 continue
             try:
                 spec = self.registry.get(entry["name"]).spec
@@ -293,6 +299,23 @@ class _Checker:
                 self.add(f"{mwhere}.name", f"method '{spec.name}' needs a teacher, this stage has none")
             elif config_ok and student is not None and all(t in self.shapes for t in teachers):
                 self.check_features(spec, apply_defaults(spec.config_schema, config), mwhere, stage_kind, student, teachers)
+            if config_ok:
+                self.check_exclusive(spec, apply_defaults(spec.config_schema, config), where, k, claims)
+
+    def check_exclusive(self, spec: Any, config: dict[str, Any], where: str, k: int,
+                        claims: dict[str, tuple[str, str, int]]) -> None:
+        """Two methods of one stage may not both claim a resource (``Method.exclusive``)."""
+        exclusive = getattr(spec.factory, "exclusive", None)
+        for resource, field in (exclusive(config) if callable(exclusive) else {}).items():
+            if resource in claims:
+                other, other_field, j = claims[resource]
+                what = "the hard (gold-label) loss" if resource == "hard_loss" else f"'{resource}'"
+                self.add(f"{where}.methods[{k}].config.{field}",
+                         f"methods '{other}' (methods[{j}].config.{other_field}) and '{spec.name}' both claim {what}; "
+                         f"only one method of a stage may" + (f" (set {field}: 0 on one of them)"
+                                                              if resource == "hard_loss" else ""))
+            else:
+                claims[resource] = (spec.name, field, k)
 
     def check_features(self, spec: Any, config: dict[str, Any], where: str, stage_kind: Any, student: ModelShape,
                        teachers: list[str]) -> None:

@@ -218,6 +218,18 @@ class Method(nn.Module):
         """
         return []
 
+    @classmethod
+    def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
+        """What this method, with ``config``, must be the only one of its stage to do:
+        ``{resource: config field}``. Default: nothing.
+
+        Validation refuses a stage in which two methods claim the same resource, naming both
+        methods and their fields. Resources in use: ``"hard_loss"`` (the gold-label term:
+        keep one per stage), ``"operation:<tap>"`` (a method that must own the operation at
+        a point), ``"forward:layers"`` (a method that replaces the layer stack).
+        """
+        return {}
+
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__()
         self.config = dict(config)

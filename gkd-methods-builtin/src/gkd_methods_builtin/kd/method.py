@@ -32,6 +32,10 @@ class KD(Method):
             return []
         return logits_issues(cls.name, context, field="soft_weight", fix="or set soft_weight: 0 (hard loss only)")
 
+    @classmethod
+    def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
+        return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
+
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None

@@ -30,6 +30,10 @@ class TMKD(Method):
     def check(cls, config: Mapping[str, Any], context: MethodContext) -> list[FeatureIssue]:
         return logits_issues(cls.name, context)
 
+    @classmethod
+    def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
+        return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
+
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
