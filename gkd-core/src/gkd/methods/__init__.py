@@ -45,8 +45,9 @@ _API = ("STUDENT", "ForwardRequest", "Method", "MethodContext", "ModelShape", "M
         "StepContext", "raise_issues", "teacher_key", "teacher_logits")
 _CHECKS = ("FeatureIssue", "check_features", "logits_issues", "validate_feature_patterns")
 _OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "write_positions", "write_span")
-_LOSSES = ("SoftLoss", "attention_valid_mask", "cosine_distance", "kl_between_distributions", "kl_divergence",
-           "logits_mask", "mse", "soft_cross_entropy", "soft_loss", "task_loss", "task_loss_per_example")
+_LOSSES = ("SoftLoss", "attention_kl", "attention_valid_mask", "cosine_distance", "kl_between_distributions",
+           "kl_divergence", "logits_mask", "masked_log_softmax", "mse", "relation_log_softmax", "soft_cross_entropy",
+           "soft_loss", "task_loss", "task_loss_per_example")
 _LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
 _COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
          "shard_along_dim")
@@ -104,6 +105,7 @@ __all__ = [
     "add_perturbation",
     "all_reduce_mean_over_tp",
     "all_reduce_sum_over_tp",
+    "attention_kl",
     "attention_valid_mask",
     "check_features",
     "checks",
@@ -121,9 +123,11 @@ __all__ = [
     "logits_issues",
     "logits_mask",
     "losses",
+    "masked_log_softmax",
     "mse",
     "raise_issues",
     "random_map",
+    "relation_log_softmax",
     "replace_with",
     "shard_along_dim",
     "soft_cross_entropy",
@@ -164,12 +168,15 @@ if TYPE_CHECKING:
     from gkd.methods.layers import hidden_tap, random_map, stride_map, uniform_map
     from gkd.methods.losses import (
         SoftLoss,
+        attention_kl,
         attention_valid_mask,
         cosine_distance,
         kl_between_distributions,
         kl_divergence,
         logits_mask,
+        masked_log_softmax,
         mse,
+        relation_log_softmax,
         soft_cross_entropy,
         soft_loss,
         task_loss,

@@ -171,14 +171,91 @@ def task_loss_per_example(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     return (per_tok * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
 
 
+def masked_log_softmax(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_softmax`` over the last dim among the ``valid`` entries only, in fp32.
+
+    Entries outside ``valid`` (broadcast to ``scores``, e.g. :func:`attention_valid_mask`
+    ``[b, 1, s, s]``) are filled with the most negative fp32 value first, so every row is
+    renormalised over its valid entries and stays finite: a padding or causal mask on an
+    attention or relation matrix, without ``-inf`` (a row with no valid entry comes out
+    uniform). The masked entries and rows are not meaningful; :func:`attention_kl` drops them.
+    Attention scores (``layers.{i}.attention.scores``) already hold a fill value at the
+    model's own masked keys; this gives the log of the attention probabilities, without
+    ``log(0)``.
+    """
+    x = scores.float()
+    if valid is None:
+        return F.log_softmax(x, dim=-1)
+    return F.log_softmax(x.masked_fill(~valid.bool(), torch.finfo(torch.float32).min), dim=-1)
+
+
+def relation_log_softmax(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Log of the self-relation distribution of a per-head tensor: ``log softmax(x·xᵀ/√d)``.
+
+    MiniLM's value relation and MiniLMv2's query/key/value relations.
+
+    Args:
+        x: ``[b, heads, s, d]`` (``layers.{i}.attention.query|key|value``, or relation heads
+            re-split from them); ``d`` is the head size used for the scaling.
+        valid: The keys each query may relate to (:func:`attention_valid_mask`, ``[b, 1, s, s]``);
+            ``None`` keeps all. Rows are renormalised over them (:func:`masked_log_softmax`).
+
+    Returns:
+        ``[b, heads, s, s]`` fp32 log-probabilities over the keys (last dim), ready for
+        :func:`attention_kl` with ``log_probs=True``.
+    """
+    x = x.float()
+    return masked_log_softmax(x @ x.transpose(-1, -2) / x.shape[-1] ** 0.5, valid)
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None, *,
+                 log_probs: bool = False) -> torch.Tensor:
+    """``KL(teacher ‖ student)`` of attention-like distributions over the keys, averaged over
+    heads and valid query rows (MiniLM's ``1/(A_h·|x|) Σ_a Σ_t KL``).
+
+    Args:
+        student, teacher: ``[b, heads, s, s]`` (same head count) distributions over the last
+            dim: probabilities (``layers.{i}.attention.probs``) or, with ``log_probs=True``,
+            log-probabilities (:func:`masked_log_softmax` of scores, :func:`relation_log_softmax`;
+            more accurate: no ``log(0)``, no clamping).
+        valid: :func:`attention_valid_mask` (``[b, 1, s, s]``, or per head). Keys outside it
+            never enter a row's sum, and a query row with no valid key (a padded query) is left
+            out of the mean, which is over (head, valid query row) pairs. Probabilities must
+            already be zero outside it (the model's masks do this for padding and, in decoders,
+            the future); log-probabilities from :func:`masked_log_softmax` are renormalised
+            over it. ``None``: every key and row.
+        log_probs: The inputs are log-probabilities.
+
+    Tensor parallelism: compute it on this rank's heads and pass the result to
+    ``all_reduce_mean_over_tp`` — heads are sharded in equal shares and every head has the
+    same valid rows, so the mean of the ranks' means is the full-head mean.
+    """
+    if log_probs:
+        t_log, s_log = teacher.float(), student.float()
+        t = t_log.exp()
+        per_key = torch.where(t > 0, t * (t_log - s_log), torch.zeros((), device=t.device))
+    else:
+        t = teacher.float()
+        s_log = torch.log(student.float().clamp_min(torch.finfo(torch.float32).tiny))
+        per_key = torch.xlogy(t, t) - t * s_log
+    if valid is None:
+        return per_key.sum(-1).mean()
+    valid = valid.bool()
+    per_key = torch.where(valid, per_key, torch.zeros((), device=per_key.device))
+    return _masked_mean(per_key.sum(-1), valid.any(-1))
+
+
 __all__ = [
     "SoftLoss",
+    "attention_kl",
     "attention_valid_mask",
     "cosine_distance",
     "kl_between_distributions",
     "kl_divergence",
     "logits_mask",
+    "masked_log_softmax",
     "mse",
+    "relation_log_softmax",
     "soft_cross_entropy",
     "soft_loss",
     "task_loss",
