@@ -46,8 +46,8 @@ _API = ("STUDENT", "ForwardRequest", "Method", "MethodContext", "ModelShape", "M
 _CHECKS = ("FeatureIssue", "check_features", "logits_issues", "validate_feature_patterns")
 _OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "write_positions", "write_span")
 _LOSSES = ("SoftLoss", "attention_kl", "attention_valid_mask", "cosine_distance", "kl_between_distributions",
-           "kl_divergence", "logits_mask", "masked_log_softmax", "mse", "relation_log_softmax", "soft_cross_entropy",
-           "soft_loss", "task_loss", "task_loss_per_example")
+           "kl_divergence", "logits_mask", "masked_log_softmax", "mean_pool", "mse", "relation_log_softmax",
+           "soft_cross_entropy", "soft_loss", "task_loss", "task_loss_per_example")
 _LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
 _COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
          "shard_along_dim")
@@ -124,6 +124,7 @@ __all__ = [
     "logits_mask",
     "losses",
     "masked_log_softmax",
+    "mean_pool",
     "mse",
     "raise_issues",
     "random_map",
@@ -175,6 +176,7 @@ if TYPE_CHECKING:
         kl_divergence,
         logits_mask,
         masked_log_softmax,
+        mean_pool,
         mse,
         relation_log_softmax,
         soft_cross_entropy,

@@ -245,6 +245,19 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tens
     return _masked_mean(per_key.sum(-1), valid.any(-1))
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``hidden`` ``[b, s, h]`` over each example's real tokens: ``[b, h]``.
+
+    Padding never enters the mean (an example without any real token gives 0). With
+    ``attention_mask=None`` every position counts. Hidden states are replicated over
+    tensor-parallel ranks, so the result needs no communication.
+    """
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 __all__ = [
     "SoftLoss",
     "attention_kl",
@@ -254,6 +267,7 @@ __all__ = [
     "kl_divergence",
     "logits_mask",
     "masked_log_softmax",
+    "mean_pool",
     "mse",
     "relation_log_softmax",
     "soft_cross_entropy",
