@@ -15,8 +15,8 @@ SPEC = MethodSpec(
     features=FeatureUse(teacher=("layers.{i}.output", "logits"), student=("layers.{i}.output", "logits")),
     config_schema=load_schema(__name__),
     factory=DistilBERT,
-    notes="Weights default to the reference's (α_ce = α_mlm = α_cos = 1, τ = 1); the paper's and the reference's "
-          "used runs take soft_weight 5, hard_weight 2, cos_weight 1, temperature 2 (examples/methods/distilbert.yaml). "
+    notes="Weights default to the reference's (α_ce = α_mlm = α_cos = 1, τ = 1); the DistilBERT authors' training and "
+          "the reference's used runs take soft_weight 5, hard_weight 2, cos_weight 1, temperature 2 (examples/methods/distilbert.yaml). "
           "The paper initialises the student from every other teacher layer, which the reference did not implement: "
           "use student.init {strategy: truncate, layers: strided}. Fixed: rows outside the mask are removed from "
           "the cosine and KL means (the reference kept masked cosine rows as distance 1 and divided the KL by every "
