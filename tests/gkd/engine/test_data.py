@@ -251,7 +251,11 @@ def test_batch_iterator_resumes_mid_epoch_exactly(minilm_dir: Path) -> None:
     data = TaskDataset(examples(10), tok, "masked_lm", mlm_probability=0.3)
     straight = BatchIterator(data, 3, seed=5)
     assert straight.batches_per_epoch == 4
-    expected = [next(straight) for _ in range(11)]  # crosses two epoch boundaries
+    expected, epochs = [], []
+    for _ in range(11):  # crosses two epoch boundaries
+        epochs.append(straight.next_epoch)  # what a step's context reports before drawing its batch
+        expected.append(next(straight))
+    assert epochs == [0] * 4 + [1] * 4 + [2] * 3
 
     first = BatchIterator(data, 3, seed=5)
     got = [next(first) for _ in range(6)]

@@ -219,6 +219,11 @@ class BatchIterator:
         """Position of the next batch: epoch and batch index within it."""
         self._order: list[int] | None = None
 
+    @property
+    def next_epoch(self) -> int:
+        """The epoch the next batch belongs to (the position rolls over on the next ``next()``)."""
+        return self.epoch + 1 if self.index >= self.batches_per_epoch else self.epoch
+
     def __iter__(self) -> BatchIterator:
         return self
 

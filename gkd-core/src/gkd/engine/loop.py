@@ -154,7 +154,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                           every=run.logging.every_steps if parallel.is_global_rank_zero() else 0, echo=io.echo)
     try:
         for iteration in range(start, total):
-            contexts = {name: step_context(run.seed, stage.name, job.index, iterator.epoch, iteration, total, name)
+            contexts = {name: step_context(run.seed, stage.name, job.index, iterator.next_epoch, iteration, total, name)
                         for name in job.methods}
             sums: dict[str, float] = {}
             loss_value = 0.0
