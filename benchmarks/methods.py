@@ -51,7 +51,7 @@ METHODS: dict[str, list[dict]] = {
     "pkd": [{"name": "pkd"}],
     "distilbert": [{"name": "distilbert"}],
     "minilm": [{"name": "minilm"}],
-    "minilmv2": [{"name": "minilmv2"}],
+    "minilmv2": [{"name": "minilmv2", "config": {"teacher_layer": 6}}],  # the default 12 needs a 12-layer teacher
     "alp-kd": [{"name": "alp-kd"}],
     "ckd": [{"name": "ckd"}],
     "universal-kd": [{"name": "universal-kd"}],
