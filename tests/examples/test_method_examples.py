@@ -73,3 +73,15 @@ def test_example_config_runs(path: Path, tmp_path: Path, registry) -> None:
     assert methods <= logged, f"methods that logged no term: {methods - logged}"
     student = next(r for r in summary["models"] if r["model"] == "student")
     assert "accuracy" in student or "perplexity" in student
+
+
+def test_an_incompatible_combination_is_refused_before_launch(registry) -> None:
+    """Mix5 with DistilBERT's gold-label term switched on: two methods would add the hard loss."""
+    from gkd.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_run_config(ROOT / "combinations" / "mix5.yaml", ["stages[1].methods[4].config.hard_weight=1"],
+                        registry=registry)
+    (issue,) = info.value.issues
+    assert issue.path == "stages[1].methods[4].config.hard_weight"
+    assert "'kd' (methods[0].config.hard_weight) and 'distilbert' both claim the hard (gold-label) loss" in issue.message
