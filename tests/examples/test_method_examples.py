@@ -1,4 +1,4 @@
-"""Every shipped example config runs under the real trainer, shortened for CI.
+"""Every shipped example config runs under ``gkd distill``, shortened for CI.
 
 Each file in ``examples/methods/`` (and the combination configs in ``examples/combinations/``)
 is run as written except: a temporary ``run_dir``, 48 training / 32 test documents of 32 tokens,
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from gkd.cli import cli
 from gkd.config import load_run_config
-from gkd.engine.trainer import Trainer
 from gkd.plugins import load_plugin_manager
 
 ROOT = Path(__file__).parents[2] / "examples"
@@ -59,9 +60,12 @@ def test_example_config_runs(path: Path, tmp_path: Path, registry) -> None:
     short.write_text(yaml.safe_dump(config))
     try:
         run = load_run_config(short, registry=registry)
+        result = CliRunner().invoke(cli, ["distill", str(short), "--no-progress"])  # the user's command
     finally:
         short.unlink()
-    summary = Trainer(run, registry, progress=False, echo=lambda _: None).execute()
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"gkd distill: run '{run.name}'")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == STEPS * len(run.stages)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
