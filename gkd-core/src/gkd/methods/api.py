@@ -235,6 +235,16 @@ class Method(nn.Module):
         self.config = dict(config)
         self.context = context
 
+    @property
+    def teacher_name(self) -> str:
+        """The teacher a single-teacher method reads: the first of ``context.teacher_names``."""
+        return self.context.teacher_names[0]
+
+    @property
+    def teacher_shape(self) -> ModelShape:
+        """That teacher's shape (``context.teachers[teacher_name]``)."""
+        return self.context.teachers[self.teacher_name]
+
     def setup(self, models: Mapping[str, nn.Module]) -> None:
         """Called once the models exist (keys ``student``, ``teacher:<name>``). Keep references
         in a plain dict, never as sub-modules: teachers must not join the auxiliary model."""

@@ -14,7 +14,6 @@ from gkd.methods import (
     ForwardRequest,
     Method,
     MethodContext,
-    ModelShape,
     PassPlan,
     PassView,
     StepContext,
@@ -65,23 +64,14 @@ class ALPKD(Method):
         raise_issues(self.check(self.config, context))
         on = self.config["alp_weight"] > 0
         self.student_taps = [hidden_tap(i) for i in range(1, context.student.num_layers + 1)] if on else []
-        self.teacher_taps = [hidden_tap(j) for j in range(1, self._shape.num_layers + 1)] if on else []
-
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
-    @property
-    def _shape(self) -> ModelShape:
-        """The teacher's shape."""
-        return self.context.teachers[self._teacher]
+        self.teacher_taps = [hidden_tap(j) for j in range(1, self.teacher_shape.num_layers + 1)] if on else []
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         models = {STUDENT: ForwardRequest(features=frozenset(self.student_taps))}
         if self.teacher_taps or self.config["soft_weight"] > 0:
-            models[teacher_key(self._teacher)] = ForwardRequest(features=frozenset(self.teacher_taps))
+            models[teacher_key(self.teacher_name)] = ForwardRequest(features=frozenset(self.teacher_taps))
         return PassPlan(models)
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
@@ -89,11 +79,11 @@ class ALPKD(Method):
         terms: dict[str, torch.Tensor] = {}
         if self.student_taps:
             mask, how = outputs.batch["attention_mask"], cfg["pooling"]
-            s_out, t_out = outputs.student, outputs.teacher(self._teacher)
-            teacher = [pool(t_out.features[tap].float(), mask, how, self._shape.family) for tap in self.teacher_taps]
+            s_out, t_out = outputs.student, outputs.teacher(self.teacher_name)
+            teacher = [pool(t_out.features[tap].float(), mask, how, self.teacher_shape.family) for tap in self.teacher_taps]
             alp = torch.zeros(())
             for tap in self.student_taps:
                 s = pool(s_out.features[tap].float(), mask, how, self.context.student.family)
                 alp = alp + losses.mse(s, attend_over_layers(s, teacher), mask if how == "tokens" else None)
             terms["alp"] = cfg["alp_weight"] * alp
-        return terms | prediction_terms(self.name, cfg, outputs, self._teacher)
+        return terms | prediction_terms(self.name, cfg, outputs, self.teacher_name)

@@ -14,7 +14,6 @@ from gkd.methods import (
     ForwardRequest,
     Method,
     MethodContext,
-    ModelShape,
     PassPlan,
     PassView,
     StepContext,
@@ -61,25 +60,16 @@ class CKD(Method):
         s = context.student.num_layers
         if self.relations:
             self.student_taps = [hidden_tap(j) for j in range(s + 1)]
-            self.teacher_taps = [hidden_tap(m) for m in uniform_map(self._shape.num_layers, s)]
+            self.teacher_taps = [hidden_tap(m) for m in uniform_map(self.teacher_shape.num_layers, s)]
         else:
             self.student_taps, self.teacher_taps = [], []
-
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
-    @property
-    def _shape(self) -> ModelShape:
-        """The teacher's shape."""
-        return self.context.teachers[self._teacher]
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         models = {STUDENT: ForwardRequest(features=frozenset(self.student_taps))}
         if self.teacher_taps or self.config["soft_weight"] > 0:
-            models[teacher_key(self._teacher)] = ForwardRequest(features=frozenset(self.teacher_taps))
+            models[teacher_key(self.teacher_name)] = ForwardRequest(features=frozenset(self.teacher_taps))
         return PassPlan(models)
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
@@ -87,7 +77,7 @@ class CKD(Method):
         terms: dict[str, torch.Tensor] = {}
         if self.relations:
             keep = outputs.batch["attention_mask"].bool()
-            s_feats, t_feats = outputs.student.features, outputs.teacher(self._teacher).features
+            s_feats, t_feats = outputs.student.features, outputs.teacher(self.teacher_name).features
             student = torch.stack([s_feats[tap] for tap in self.student_taps], dim=1)  # [b, S+1, s, h_s]
             teacher = torch.stack([t_feats[tap] for tap in self.teacher_taps], dim=1)  # [b, S+1, s, h_t]
             causal = self.context.student.family == "decoder"
@@ -98,4 +88,4 @@ class CKD(Method):
                 "ltr_angle": lambda: relations.layer_relation_angle(student, teacher, keep),
             }
             terms = {r: cfg[f"{r}_weight"] * compute[r]() for r in self.relations}
-        return terms | prediction_terms(self.name, cfg, outputs, self._teacher)
+        return terms | prediction_terms(self.name, cfg, outputs, self.teacher_name)

@@ -62,15 +62,11 @@ class DistilBERT(Method):
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
         raise_issues(self.check(self.config, context))
-        teacher = context.teachers[self._teacher]
+        teacher = context.teachers[self.teacher_name]
         # The last hidden states: for post-LN encoders the final normalised output, as the
         # reference's transformer.output.
         self.student_tap = hidden_tap(context.student.num_layers)
         self.teacher_tap = hidden_tap(teacher.num_layers)
-
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
@@ -78,7 +74,7 @@ class DistilBERT(Method):
         cos = self.config["cos_weight"] > 0
         models = {STUDENT: ForwardRequest(features=frozenset({self.student_tap} if cos else ()))}
         if cos or self.config["soft_weight"] > 0:
-            models[teacher_key(self._teacher)] = ForwardRequest(features=frozenset({self.teacher_tap} if cos else ()))
+            models[teacher_key(self.teacher_name)] = ForwardRequest(features=frozenset({self.teacher_tap} if cos else ()))
         return PassPlan(models)
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
@@ -86,13 +82,13 @@ class DistilBERT(Method):
         s_out = outputs.student
         terms: dict[str, torch.Tensor] = {}
         if cfg["soft_weight"] > 0:
-            z, zt = s_out.logits, teacher_logits(outputs, self._teacher, self.name)
+            z, zt = s_out.logits, teacher_logits(outputs, self.teacher_name, self.name)
             mask = position_mask(cfg["soft_mask"], outputs.batch) if z.dim() == 3 else None
             terms["soft"] = cfg["soft_weight"] * losses.kl_divergence(z, zt, cfg["temperature"], mask)
         if cfg["hard_weight"] > 0 and s_out.task_loss is not None:
             terms["hard"] = cfg["hard_weight"] * s_out.task_loss
         if cfg["cos_weight"] > 0:
-            t_hidden = outputs.teacher(self._teacher).features[self.teacher_tap]
+            t_hidden = outputs.teacher(self.teacher_name).features[self.teacher_tap]
             terms["cos"] = cfg["cos_weight"] * losses.cosine_distance(
                 s_out.features[self.student_tap], t_hidden, position_mask(cfg["cos_mask"], outputs.batch))
         return terms

@@ -79,10 +79,6 @@ class MGSKD(Method):
         super().__init__(config, context)
         raise_issues(self.check(self.config, context))
 
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
     def pairs(self) -> list[tuple[str, str]]:
         """(student tap, teacher tap) of layer pairs 0..S (0 = embeddings); none without the
         structural losses."""
@@ -97,7 +93,7 @@ class MGSKD(Method):
         pairs = self.pairs()
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(s for s, _ in pairs)),
-            teacher_key(self._teacher): ForwardRequest(features=frozenset(t for _, t in pairs)),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in pairs)),
         })
 
     def structural_terms(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
@@ -125,7 +121,7 @@ class MGSKD(Method):
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
-        s_out, t_out = outputs.student, outputs.teacher(self._teacher)
+        s_out, t_out = outputs.student, outputs.teacher(self.teacher_name)
         mask = outputs.batch["attention_mask"]
         terms: dict[str, torch.Tensor] = {}
         pairs = self.pairs()
@@ -136,7 +132,7 @@ class MGSKD(Method):
         if cfg["soft_weight"] > 0:
             z = s_out.logits
             terms["soft"] = cfg["soft_weight"] * losses.soft_loss(
-                cfg["soft_loss"], z, teacher_logits(outputs, self._teacher, self.name), cfg["temperature"],
+                cfg["soft_loss"], z, teacher_logits(outputs, self.teacher_name, self.name), cfg["temperature"],
                 losses.logits_mask(z, mask))
         if cfg["hard_weight"] > 0 and s_out.task_loss is not None:
             terms["hard"] = cfg["hard_weight"] * s_out.task_loss

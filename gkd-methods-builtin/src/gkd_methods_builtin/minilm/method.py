@@ -81,7 +81,7 @@ class MiniLM(Method):
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
         raise_issues(self.check(self.config, context))
-        t = context.teachers[self._teacher]
+        t = context.teachers[self.teacher_name]
         t_layer = resolve_layer(self.config["teacher_layer"], t.num_layers)
         s_layer = context.student.num_layers - 1
         self.student_taps: dict[str, str] = {}  # term -> tap
@@ -94,20 +94,16 @@ class MiniLM(Method):
             self.student_taps["value"] = f"layers.{s_layer}.attention.value"
             self.teacher_taps["value"] = f"layers.{t_layer}.attention.value"
 
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(self.student_taps.values())),
-            teacher_key(self._teacher): ForwardRequest(features=frozenset(self.teacher_taps.values())),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(self.teacher_taps.values())),
         })
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
-        s_feats, t_feats = outputs.student.features, outputs.teacher(self._teacher).features
+        s_feats, t_feats = outputs.student.features, outputs.teacher(self.teacher_name).features
         valid = losses.attention_valid_mask(outputs.batch["attention_mask"], causal=is_causal(self.context))
         terms: dict[str, torch.Tensor] = {}
         if "attention" in self.student_taps:

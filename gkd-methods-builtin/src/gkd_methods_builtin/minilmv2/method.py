@@ -87,23 +87,19 @@ class MiniLMv2(Method):
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
         raise_issues(self.check(self.config, context))
-        t = context.teachers[self._teacher]
+        t = context.teachers[self.teacher_name]
         t_layer = resolve_layer(self.config["teacher_layer"], t.num_layers)
         s_layer = context.student.num_layers - 1
         self.kinds = [k for k in KINDS if self.config[f"{k}_weight"] > 0]
         self.student_taps = {k: f"layers.{s_layer}.attention.{k}" for k in self.kinds}
         self.teacher_taps = {k: f"layers.{t_layer}.attention.{k}" for k in self.kinds}
 
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(self.student_taps.values())),
-            teacher_key(self._teacher): ForwardRequest(features=frozenset(self.teacher_taps.values())),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(self.teacher_taps.values())),
         })
 
     def relation_kl(self, student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -125,7 +121,7 @@ class MiniLMv2(Method):
                                    valid, log_probs=True)
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
-        s_feats, t_feats = outputs.student.features, outputs.teacher(self._teacher).features
+        s_feats, t_feats = outputs.student.features, outputs.teacher(self.teacher_name).features
         causal = any(m.family == "decoder" for m in (self.context.student, *self.context.teachers.values()))
         valid = losses.attention_valid_mask(outputs.batch["attention_mask"], causal=causal)
         return {k: self.config[f"{k}_weight"] * self.relation_kl(s_feats[self.student_taps[k]],

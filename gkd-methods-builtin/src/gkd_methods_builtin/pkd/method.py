@@ -95,15 +95,11 @@ class PKD(Method):
         super().__init__(config, context)
         raise_issues(self.check(self.config, context))
 
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
     def pairs(self) -> list[tuple[str, str]]:
         """(student tap, teacher tap) of every patience pair (none when beta is 0)."""
         if self.config["beta"] <= 0:
             return []
-        t = self.context.teachers[self._teacher].num_layers
+        t = self.context.teachers[self.teacher_name].num_layers
         return [(hidden_tap(i), hidden_tap(j)) for i, j in layer_pairs(self.config, self.context.student.num_layers, t)]
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
@@ -112,7 +108,7 @@ class PKD(Method):
         pairs = self.pairs()
         models = {STUDENT: ForwardRequest(features=frozenset(s for s, _ in pairs))}
         if pairs or self.config["alpha"] > 0:
-            models[teacher_key(self._teacher)] = ForwardRequest(features=frozenset(t for _, t in pairs))
+            models[teacher_key(self.teacher_name)] = ForwardRequest(features=frozenset(t for _, t in pairs))
         return PassPlan(models)
 
     def patience(self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -134,11 +130,11 @@ class PKD(Method):
         terms: dict[str, torch.Tensor] = {}
         pairs = self.pairs()
         if pairs:
-            t_feats = outputs.teacher(self._teacher).features
+            t_feats = outputs.teacher(self.teacher_name).features
             terms["patience"] = cfg["beta"] * torch.stack(
                 [self.patience(s_out.features[s], t_feats[t], mask) for s, t in pairs]).sum()
         if cfg["alpha"] > 0:
-            z, zt = s_out.logits, teacher_logits(outputs, self._teacher, self.name)
+            z, zt = s_out.logits, teacher_logits(outputs, self.teacher_name, self.name)
             terms["soft"] = cfg["alpha"] * losses.soft_loss(cfg["soft_loss"], z, zt, cfg["temperature"],
                                                             losses.logits_mask(z, mask))
         if cfg["alpha"] < 1 and s_out.task_loss is not None:

@@ -97,10 +97,6 @@ class RailKD(Method):
         self.student_proj = nn.Linear(m * s.hidden_size, u)
         self.teacher_proj = nn.Linear(m * t.hidden_size, u)
 
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
     def _depths(self) -> tuple[int, int]:
         return next(iter(self.context.teachers.values())).num_layers, self.context.student.num_layers
 
@@ -142,7 +138,7 @@ class RailKD(Method):
         pairs = self.pairs(self._teacher_layers(step, state)) if self.config["inter_weight"] > 0 else []
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(s for s, _ in pairs)),
-            teacher_key(self._teacher): ForwardRequest(features=frozenset(t for _, t in pairs)),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in pairs)),
         })
 
     def rail_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
@@ -161,7 +157,7 @@ class RailKD(Method):
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
-        s_out, t_out = outputs.student, outputs.teacher(self._teacher)
+        s_out, t_out = outputs.student, outputs.teacher(self.teacher_name)
         mask = outputs.batch["attention_mask"]
         terms: dict[str, torch.Tensor] = {}
         if cfg["inter_weight"] > 0:
@@ -171,7 +167,7 @@ class RailKD(Method):
         if cfg["soft_weight"] > 0:
             z = s_out.logits
             terms["soft"] = cfg["soft_weight"] * losses.soft_loss(
-                cfg["soft_loss"], z, teacher_logits(outputs, self._teacher, self.name), cfg["temperature"],
+                cfg["soft_loss"], z, teacher_logits(outputs, self.teacher_name, self.name), cfg["temperature"],
                 losses.logits_mask(z, mask))
         if cfg["hard_weight"] > 0 and s_out.task_loss is not None:
             terms["hard"] = cfg["hard_weight"] * s_out.task_loss

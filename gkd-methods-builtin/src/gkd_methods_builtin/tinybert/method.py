@@ -76,10 +76,6 @@ class TinyBERT(Method):
         self.proj = nn.Linear(s.hidden_size, t.hidden_size, bias=False)
 
     @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
-    @property
     def _maps_layers(self) -> bool:
         return bool(self.config["hidden"] or self.config["attention"])
 
@@ -117,13 +113,13 @@ class TinyBERT(Method):
         hidden, attention = self.pairs(self._teacher_map(step, state))
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(s for s, _ in hidden + attention)),
-            teacher_key(self._teacher): ForwardRequest(features=frozenset(t for _, t in hidden + attention)),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in hidden + attention)),
         })
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
         hidden, attention = self.pairs(list(state["teacher_map"]))
-        s_out, t_out = outputs.student, outputs.teacher(self._teacher)
+        s_out, t_out = outputs.student, outputs.teacher(self.teacher_name)
         mask = outputs.batch["attention_mask"]
         terms: dict[str, torch.Tensor] = {}
         if hidden:
@@ -139,6 +135,6 @@ class TinyBERT(Method):
             )
         if cfg["prediction"]:
             terms["prediction"] = cfg["prediction_weight"] * losses.soft_cross_entropy(
-                s_out.logits, teacher_logits(outputs, self._teacher, self.name), cfg["temperature"],
+                s_out.logits, teacher_logits(outputs, self.teacher_name, self.name), cfg["temperature"],
                 losses.logits_mask(s_out.logits, mask))
         return terms

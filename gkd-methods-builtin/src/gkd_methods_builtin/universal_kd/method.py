@@ -16,7 +16,6 @@ from gkd.methods import (
     ForwardRequest,
     Method,
     MethodContext,
-    ModelShape,
     PassPlan,
     PassView,
     StepContext,
@@ -65,22 +64,13 @@ class UniversalKD(Method):
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
         raise_issues(self.check(self.config, context))
-        s, t = context.student, self._shape
+        s, t = context.student, self.teacher_shape
         last = 1 if self.config["layers"] == "all" else 0
         self.student_taps = [hidden_tap(i) for i in range(1, s.num_layers + last)]
         self.teacher_taps = [hidden_tap(j) for j in range(1, t.num_layers + last)]
         u = self.config["size"] or s.hidden_size
         self.student_proj = nn.ModuleList(nn.Linear(s.hidden_size, u, bias=False) for _ in self.student_taps)
         self.teacher_proj = nn.ModuleList(nn.Linear(t.hidden_size, u, bias=False) for _ in self.teacher_taps)
-
-    @property
-    def _teacher(self) -> str:
-        return self.context.teacher_names[0]
-
-    @property
-    def _shape(self) -> ModelShape:
-        """The teacher's shape."""
-        return self.context.teachers[self._teacher]
 
     @property
     def _active(self) -> bool:
@@ -92,7 +82,7 @@ class UniversalKD(Method):
         s_taps, t_taps = (self.student_taps, self.teacher_taps) if self._active else ([], [])
         models = {STUDENT: ForwardRequest(features=frozenset(s_taps))}
         if t_taps or self.config["soft_weight"] > 0:
-            models[teacher_key(self._teacher)] = ForwardRequest(features=frozenset(t_taps))
+            models[teacher_key(self.teacher_name)] = ForwardRequest(features=frozenset(t_taps))
         return PassPlan(models)
 
     def _project(self, proj: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, family: str) -> torch.Tensor:
@@ -103,12 +93,12 @@ class UniversalKD(Method):
         terms: dict[str, torch.Tensor] = {}
         if self._active:
             mask = outputs.batch["attention_mask"]
-            s_out, t_out = outputs.student, outputs.teacher(self._teacher)
-            teacher = [self._project(p, t_out.features[tap], mask, self._shape.family)
+            s_out, t_out = outputs.student, outputs.teacher(self.teacher_name)
+            teacher = [self._project(p, t_out.features[tap], mask, self.teacher_shape.family)
                        for p, tap in zip(self.teacher_proj, self.teacher_taps, strict=True)]
             total = torch.zeros(())
             for p, tap in zip(self.student_proj, self.student_taps, strict=True):
                 z = self._project(p, s_out.features[tap], mask, self.context.student.family)
                 total = total + losses.kl_divergence(z, attend_over_layers(z, teacher), scale_by_t2=False)
             terms["universal"] = cfg["universal_weight"] * total
-        return terms | prediction_terms(self.name, cfg, outputs, self._teacher)
+        return terms | prediction_terms(self.name, cfg, outputs, self.teacher_name)
