@@ -2,18 +2,15 @@
 
 Not an API: another distribution must not import it (methods depend on :mod:`gkd.methods`
 only). It holds what the three methods have in common — picking the per-example vector of a
-hidden state, attention over a stack of teacher layers, and the soft/hard prediction terms
-that the reference adds to every method (``pre_loss``) — so that the three behave alike.
+hidden state, attention over a stack of teacher layers — so that the three behave alike.
+Their soft/hard prediction terms are KD's (:func:`gkd.methods.prediction_terms`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-
-from gkd.methods import FeatureIssue, MethodContext, PassView, logits_issues, losses, teacher_logits
 
 
 def sequence_index(attention_mask: torch.Tensor, family: str) -> torch.Tensor:
@@ -66,29 +63,3 @@ def attend_over_layers(student: torch.Tensor, teachers: Sequence[torch.Tensor]) 
     stack = torch.stack([t.to(student.dtype) for t in teachers], dim=-2)  # [..., L, h]
     weights = torch.softmax((stack * student.unsqueeze(-2)).sum(-1), dim=-1)  # [..., L]
     return (weights.unsqueeze(-1) * stack).sum(-2)
-
-
-def prediction_issues(name: str, config: Mapping[str, Any], context: MethodContext) -> list[FeatureIssue]:
-    """The logits rules of the soft term (only when ``soft_weight > 0``)."""
-    if config["soft_weight"] <= 0:
-        return []
-    return logits_issues(name, context, field="soft_weight", fix="or set soft_weight: 0")
-
-
-def hard_loss_claim(config: Mapping[str, Any]) -> dict[str, str]:
-    """:meth:`Method.exclusive` of a method whose ``hard_weight`` adds the gold-label term."""
-    return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
-
-
-def prediction_terms(name: str, config: Mapping[str, Any], outputs: PassView, teacher: str) -> dict[str, torch.Tensor]:
-    """``soft`` (``soft_weight``·soft loss at ``temperature``) and ``hard`` (``hard_weight``·task loss)."""
-    terms: dict[str, torch.Tensor] = {}
-    student = outputs.student
-    if config["soft_weight"] > 0:
-        t_logits = teacher_logits(outputs, teacher, name)
-        mask = losses.logits_mask(student.logits, outputs.batch.get("attention_mask"))
-        terms["soft"] = config["soft_weight"] * losses.soft_loss(config["soft_loss"], student.logits, t_logits,
-                                                                 config["temperature"], mask)
-    if config["hard_weight"] > 0 and student.task_loss is not None:
-        terms["hard"] = config["hard_weight"] * student.task_loss
-    return terms

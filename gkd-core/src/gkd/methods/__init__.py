@@ -65,6 +65,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(_COMM, "gkd.parallel.comm"),
     **dict.fromkeys(_STATE, "gkd.parallel.state"),
     "GkdError": "gkd.errors",
+    "hard_loss_claim": "gkd.methods.prediction",
+    "prediction_issues": "gkd.methods.prediction",
+    "prediction_terms": "gkd.methods.prediction",
     "hookimpl": "gkd.hookspecs",
     "MethodRegistrar": "gkd.plugins.registry",
 }
@@ -114,6 +117,7 @@ __all__ = [
     "gather_along_dim",
     "gather_heads",
     "gather_last_dim",
+    "hard_loss_claim",
     "hidden_tap",
     "hookimpl",
     "kl_between_distributions",
@@ -126,6 +130,8 @@ __all__ = [
     "masked_log_softmax",
     "mean_pool",
     "mse",
+    "prediction_issues",
+    "prediction_terms",
     "raise_issues",
     "random_map",
     "relation_log_softmax",
@@ -184,6 +190,7 @@ if TYPE_CHECKING:
         task_loss,
         task_loss_per_example,
     )
+    from gkd.methods.prediction import hard_loss_claim, prediction_issues, prediction_terms
     from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind, load_schema
     from gkd.models.operations import (
         add_perturbation,

@@ -17,12 +17,14 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    hard_loss_claim,
     hidden_tap,
+    prediction_issues,
+    prediction_terms,
     raise_issues,
     teacher_key,
     uniform_map,
 )
-from gkd_methods_builtin._feature_kd import hard_loss_claim, prediction_issues, prediction_terms
 from gkd_methods_builtin.ckd import relations
 
 RELATIONS = ("wr_dist", "wr_angle", "ltr_dist", "ltr_angle")

@@ -17,6 +17,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    hard_loss_claim,
     hidden_tap,
     logits_issues,
     losses,
@@ -57,7 +58,7 @@ class DistilBERT(Method):
 
     @classmethod
     def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
-        return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
+        return hard_loss_claim(config)
 
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)

@@ -17,13 +17,14 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    hard_loss_claim,
     hidden_tap,
-    logits_issues,
     losses,
+    prediction_issues,
+    prediction_terms,
     raise_issues,
     stride_map,
     teacher_key,
-    teacher_logits,
 )
 from gkd_methods_builtin.mgskd.relations import draw_spans, sample_loss, span_means, token_loss
 
@@ -59,8 +60,7 @@ class MGSKD(Method):
                         f"mgskd: maps student layers onto teacher layers with stride T // S, but the student has "
                         f"{s.num_layers} layers and teacher '{name}' {t.num_layers}; use a teacher at least as deep "
                         "as the student"))
-        if config["soft_weight"] > 0:
-            issues += logits_issues(cls.name, context, field="soft_weight", fix="or set soft_weight: 0")
+        issues += prediction_issues(cls.name, config, context)
         structural = config["intermediate"] and (
             config["token_weight"] > 0 or config["sample_weight"] > 0
             or (config["span_weight"] > 0 and config["span_max_rate"] > 0))
@@ -73,7 +73,7 @@ class MGSKD(Method):
 
     @classmethod
     def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
-        return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
+        return hard_loss_claim(config)
 
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
@@ -129,11 +129,4 @@ class MGSKD(Method):
             raw = self.structural_terms([s_out.features[s] for s, _ in pairs], [t_out.features[t] for _, t in pairs],
                                         mask, step.generator)
             terms = {k: cfg[f"{k}_weight"] * v for k, v in raw.items()}
-        if cfg["soft_weight"] > 0:
-            z = s_out.logits
-            terms["soft"] = cfg["soft_weight"] * losses.soft_loss(
-                cfg["soft_loss"], z, teacher_logits(outputs, self.teacher_name, self.name), cfg["temperature"],
-                losses.logits_mask(z, mask))
-        if cfg["hard_weight"] > 0 and s_out.task_loss is not None:
-            terms["hard"] = cfg["hard_weight"] * s_out.task_loss
-        return terms
+        return terms | prediction_terms(self.name, cfg, outputs, self.teacher_name)

@@ -19,14 +19,15 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    hard_loss_claim,
     hidden_tap,
-    logits_issues,
     losses,
+    prediction_issues,
+    prediction_terms,
     raise_issues,
     random_map,
     stride_map,
     teacher_key,
-    teacher_logits,
 )
 
 
@@ -73,8 +74,7 @@ class RailKD(Method):
                 issues.append(FeatureIssue("student", "layer_wise_alpha",
                                            f"rail-kd: layer_wise_alpha has {len(alpha)} weights, but {pairs} layer "
                                            "pairs are distilled (embeddings first, final last when on)"))
-        if config["soft_weight"] > 0:
-            issues += logits_issues(cls.name, context, field="soft_weight", fix="or set soft_weight: 0")
+        issues += prediction_issues(cls.name, config, context)
         if config["inter_weight"] <= 0 and config["soft_weight"] <= 0 and config["hard_weight"] <= 0:
             issues.append(FeatureIssue("student", "inter_weight",
                                        "rail-kd: inter_weight, soft_weight and hard_weight are all 0, so the method "
@@ -83,7 +83,7 @@ class RailKD(Method):
 
     @classmethod
     def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
-        return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
+        return hard_loss_claim(config)
 
     def __init__(self, config: Mapping[str, Any], context: MethodContext) -> None:
         super().__init__(config, context)
@@ -164,11 +164,4 @@ class RailKD(Method):
             pairs = self.pairs(list(state["teacher_layers"]))
             terms["rail"] = cfg["inter_weight"] * self.rail_loss(
                 [s_out.features[s] for s, _ in pairs], [t_out.features[t] for _, t in pairs], mask)
-        if cfg["soft_weight"] > 0:
-            z = s_out.logits
-            terms["soft"] = cfg["soft_weight"] * losses.soft_loss(
-                cfg["soft_loss"], z, teacher_logits(outputs, self.teacher_name, self.name), cfg["temperature"],
-                losses.logits_mask(z, mask))
-        if cfg["hard_weight"] > 0 and s_out.task_loss is not None:
-            terms["hard"] = cfg["hard_weight"] * s_out.task_loss
-        return terms
+        return terms | prediction_terms(self.name, cfg, outputs, self.teacher_name)

@@ -19,17 +19,17 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    hard_loss_claim,
     hidden_tap,
     losses,
+    prediction_issues,
+    prediction_terms,
     raise_issues,
     teacher_key,
 )
 from gkd_methods_builtin._feature_kd import (
     attend_over_layers,
-    hard_loss_claim,
     pool,
-    prediction_issues,
-    prediction_terms,
 )
 
 

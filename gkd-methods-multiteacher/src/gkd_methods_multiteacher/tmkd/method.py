@@ -16,6 +16,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    hard_loss_claim,
     logits_issues,
     losses,
     teacher_key,
@@ -32,7 +33,7 @@ class TMKD(Method):
 
     @classmethod
     def exclusive(cls, config: Mapping[str, Any]) -> dict[str, str]:
-        return {"hard_loss": "hard_weight"} if config["hard_weight"] > 0 else {}
+        return hard_loss_claim(config)
 
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
