@@ -15,9 +15,9 @@ from gkd.config.schema import apply_defaults
 from gkd.engine.build import model_shape
 from gkd.engine.step import SelectedMethod, distill_step, step_context
 from gkd.methods.api import STUDENT, MethodContext, teacher_key
-from gkd.models import ModelConfig, build_model, export_hf, from_pretrained, shard_kind
-from gkd.models.sharding import ShardKind, gather_full
+from gkd.models import ModelConfig, build_model, export_hf, from_pretrained
 from gkd.plugins import load_plugin_manager
+from gkd.testing import full_gradients
 
 pytestmark = pytest.mark.distributed
 
@@ -52,14 +52,7 @@ def _step(root: str, family: str) -> dict[str, Any]:
     contexts = {n: step_context(0, "s", 0, 0, 0, 10, n) for n in methods}
     result = distill_step({STUDENT: student, teacher_key("t"): teacher}, methods, contexts, _batch(family))
     result.loss.backward()
-    group, tp, cfg = parallel.tp_group(), parallel.tp_world_size(), student.model_config
-    grads = {}
-    for n, p in student.named_parameters():
-        if p.grad is None:
-            continue
-        kind = shard_kind(n, cfg)
-        full = gather_full(p.grad, kind, group, tp)
-        grads[n] = (full[: cfg.vocab_size] if kind is ShardKind.VOCAB else full).clone()
+    grads = full_gradients(student)
     return {"loss": float(result.loss.detach()), "terms": {k: float(v.detach()) for k, v in result.terms.items()},
             "grads": grads}
 

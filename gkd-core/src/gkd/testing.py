@@ -598,6 +598,24 @@ def check_conformance(name: str | MethodSpec, config: Mapping[str, Any] | None =
     return report
 
 
+def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every gradient of a gkd model in its TP=1 layout (shards gathered, vocabulary padding
+    dropped), for tests that compare a step at TP=k with TP=1. Collective under tensor
+    parallelism; parameters without a gradient are left out."""
+    from gkd import parallel
+    from gkd.models.sharding import ShardKind, gather_full, shard_kind
+
+    group, tp, cfg = parallel.tp_group(), parallel.tp_world_size(), model.model_config  # type: ignore[attr-defined]
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        kind = shard_kind(name, cfg)
+        full = gather_full(p.grad, kind, group, tp)
+        grads[name] = (full[: cfg.vocab_size] if kind is ShardKind.VOCAB else full).clone()
+    return grads
+
+
 __all__ = [
     "HEAD_FOR_TASK",
     "MASK_ID",
@@ -612,6 +630,7 @@ __all__ = [
     "check_conformance",
     "context_of",
     "default_task",
+    "full_gradients",
     "outputs",
     "run_step",
     "selected",
