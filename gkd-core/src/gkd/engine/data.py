@@ -167,6 +167,11 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+def epoch_batches(num_examples: int, batch_size: int, *, world_size: int = 1, drop_last: bool = False) -> int:
+    """Micro-batches per epoch on each data-parallel rank (what :class:`BatchIterator` yields)."""
+    return _num_batches(math.ceil(num_examples / world_size), batch_size, drop_last)
+
+
 def make_batches(dataset: TaskDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  epoch: int = 0, drop_last: bool = False, rank: int = 0,
                  world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
@@ -209,8 +214,7 @@ class BatchIterator:
             raise ValueError(f"invalid batch_size={batch_size}, rank={rank}, world_size={world_size}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
-        per_rank = math.ceil(len(dataset) / world_size)
-        self.batches_per_epoch = _num_batches(per_rank, batch_size, drop_last)
+        self.batches_per_epoch = epoch_batches(len(dataset), batch_size, world_size=world_size, drop_last=drop_last)
         if self.batches_per_epoch == 0:
             raise DataError(f"{len(dataset)} training examples are fewer than one batch of {batch_size}"
                             f"{f' on each of {world_size} ranks' if world_size > 1 else ''}")

@@ -32,7 +32,7 @@ from gkd.atomic import atomic_write_json
 from gkd.config.run import RunConfig, StageConfig, StudentInit
 from gkd.engine.assets import RunAssets
 from gkd.engine.build import build_methods, model_shape
-from gkd.engine.data import BatchIterator
+from gkd.engine.data import epoch_batches
 from gkd.engine.fingerprint import sha256_of_checkpoint
 from gkd.engine.loop import (
     Checkpointer,
@@ -129,8 +129,7 @@ class Trainer:
                        resume: ResumePoint | None) -> None:
         train_data = assets.dataset(stage.train_data)
         if resume is not None:
-            batches = BatchIterator(train_data, stage.training.batch_size, seed=self.run.seed,
-                                    rank=parallel.dp_rank(), world_size=parallel.dp_world_size()).batches_per_epoch
+            batches = epoch_batches(len(train_data), stage.training.batch_size, world_size=parallel.dp_world_size())
             if resume.state.stage_iteration >= stage_steps(stage, batches):
                 restore_finished_stage(resume, student)  # the checkpoint is this stage's end
                 return
