@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import nn
 
+from gkd.config.resolve import HEAD_FOR_TASK
 from gkd.config.schema import apply_defaults, defaults_of, schema_issues
 from gkd.engine.step import SelectedMethod, StepResult, distill_step, step_context
 from gkd.errors import GkdError
@@ -62,7 +63,6 @@ TINY_LABELS = 3
 TINY_FFN = 64
 
 Family = Literal["encoder", "decoder"]
-HEAD_FOR_TASK = {"sequence_classification": "classification", "masked_lm": "mlm", "causal_lm": "lm"}
 MASK_ID = 4
 """The ``[MASK]`` id of :func:`tiny_batch` for ``masked_lm`` (ids 0–4 are never drawn as tokens)."""
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gkd.config.resolve import HEAD_FOR_TASK
+
 Precision = Literal["fp32", "bf16", "fp16"]
 TaskType = Literal["sequence_classification", "masked_lm", "causal_lm"]
 LayerChoice = Literal["bottom", "strided"]
@@ -32,7 +34,7 @@ class TaskConfig:
     @property
     def head(self) -> str:
         """The model head this task trains (``classification``, ``mlm`` or ``lm``)."""
-        return {"sequence_classification": "classification", "masked_lm": "mlm", "causal_lm": "lm"}[self.type]
+        return HEAD_FOR_TASK[self.type]
 
 
 @dataclass(frozen=True)

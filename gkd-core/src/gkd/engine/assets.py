@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gkd import parallel
 from gkd.config.run import DatasetConfig, RunConfig, StudentInit
 from gkd.engine.build import model_shape
 from gkd.engine.data import TaskDataset, build_dataset
@@ -147,9 +146,4 @@ class RunAssets:
         return self.placement.model(model)
 
 
-def dp_layout() -> tuple[int, int]:
-    """``(data-parallel rank, data-parallel size)`` of this process."""
-    return parallel.dp_rank(), parallel.dp_world_size()
-
-
-__all__ = ["RunAssets", "TeacherSlot", "dp_layout"]
+__all__ = ["RunAssets", "TeacherSlot"]
