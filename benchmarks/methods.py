@@ -9,7 +9,12 @@ student trained on the gold labels alone for all of those steps. Accuracy is on 
 test documents. Seeds run in rounds (every method with seed 1, then every method with seed 2, …),
 so slow and fast phases of this shared machine spread over all methods alike.
 
-    python benchmarks/methods.py [--seeds 2] [--method-steps 100] [--head-steps 100] [--only kd,pkd]
+    python benchmarks/methods.py [--seeds 2] [--method-steps 100] [--head-steps 100] [--only kd,pkd] [--merge]
+
+``--merge`` keeps the rows of methods not measured in this run from the existing table (each row says
+the date it was measured), so a few methods can be added without re-running all of them. The loss
+curve of every method's first seed (every term, stage boundaries; the paper's Fig. 6) is written to
+``docs/img/methods/<method>.png``.
 
 Each run is a separate ``gkd distill`` process; its wall time and peak resident memory (the
 process's own ``ru_maxrss``) are measured from the outside. Not part of the test suite.
@@ -57,7 +62,16 @@ METHODS: dict[str, list[dict]] = {
     "universal-kd": [{"name": "universal-kd"}],
     "rail-kd": [{"name": "rail-kd"}],
     "mgskd": [{"name": "mgskd"}],
+    # The seven dynamic methods (issue 9): schema defaults unless set.
+    "theseus": [{"name": "theseus"}],
+    "mobilebert": [{"name": "mobilebert"}],
+    "sid": [{"name": "sid"}],
+    "lrc-bert": [{"name": "lrc-bert"}],
+    "annealing-kd": [{"name": "annealing-kd"}],
+    "continuation-kd": [{"name": "continuation-kd"}],
+    "diito": [{"name": "diito"}],
 }
+PLOTS = ROOT / "docs" / "img" / "methods"
 
 
 def _run(config: dict, path: Path) -> tuple[int, float, int, str]:
@@ -131,6 +145,7 @@ def main() -> None:
     ap.add_argument("--head-steps", type=int, default=100)
     ap.add_argument("--only", default="", help="comma-separated methods (default: all)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "methods.md"))
+    ap.add_argument("--merge", action="store_true", help="keep the existing rows of methods not run now")
     args = ap.parse_args()
     methods = [m for m in METHODS if not args.only or m in args.only.split(",")]
     WORK.mkdir(parents=True, exist_ok=True)
@@ -148,9 +163,39 @@ def main() -> None:
                 print(f"{method} seed {seed}: FAILED — {failures[method]}")
                 continue
             acc = accuracy(Path(config["run_dir"]))
+            if seed == 1:
+                plot(method, Path(config["run_dir"]))
             results[method].append((acc, seconds, rss))
             print(f"{method} seed {seed}: accuracy {acc:.4f}, {seconds:.0f} s, peak RSS {rss / 2**30:.2f} GiB", flush=True)
     write_table(Path(args.out), results, failures, args, majority())
+
+
+def plot(method: str, run_dir: Path) -> None:
+    """The run's loss curve (every logged term against the global step) as docs/img/methods/<method>.png."""
+    sys.path.insert(0, str(ROOT / "gkd-core" / "src"))
+    from gkd.engine.metrics import plot_losses
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    plot_losses(run_dir, PLOTS / f"{method.replace(' ', '-')}.png")
+
+
+def _existing_rows(out: Path, measured: set[str]) -> list[str]:
+    """Table rows of ``out`` for methods not in ``measured`` (and every earlier baseline row), each
+    tagged with its measurement date."""
+    if not out.is_file():
+        return []
+    text = out.read_text()
+    date = text.split("Measured on ", 1)[1].split(" ", 1)[0] if "Measured on " in text else "earlier"
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        # A baseline row stays: the rows of each date compare with the plain fine-tuning of that date.
+        if (len(cells) < 8 or not line.startswith("| ") or cells[0] in ("method", "---")
+                or (cells[0] in measured and cells[0] != "plain fine-tuning")):
+            continue
+        when = cells[8] if len(cells) > 8 else date
+        rows.append("| " + " | ".join([*cells[:8], when]) + " |")
+    return rows
 
 
 def write_table(out: Path, results: dict, failures: dict, args: argparse.Namespace, baseline: float) -> None:
@@ -165,8 +210,12 @@ def write_table(out: Path, results: dict, failures: dict, args: argparse.Namespa
         beats_plain = "—" if method == "plain fine-tuning" or plain_mean is None else ("yes" if mean > plain_mean else "**no**")
         rows.append(f"| {method} | {mean:.4f} ± {spread:.4f} | {', '.join(f'{a:.4f}' for a in accs)} | "
                     f"{args.method_steps + args.head_steps} | {statistics.median(s for _, s, _ in runs):.0f} s | "
-                    f"{max(r for _, _, r in runs) / 2**30:.2f} GiB | {'yes' if mean > baseline else '**no**'} | {beats_plain} |")
-    worse = [r.split(" | ")[0].lstrip("| ") for r in rows if r.endswith("| **no** |")]
+                    f"{max(r for _, _, r in runs) / 2**30:.2f} GiB | {'yes' if mean > baseline else '**no**'} | {beats_plain} | "
+                    f"{datetime.date.today().isoformat()} |")
+    if args.merge:
+        rows = _existing_rows(out, {m for m, runs in results.items() if runs}) + rows
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    worse = [c[0] for c in cells if c[7] == "**no**"]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     text = f"""# Distillation methods compared
 
@@ -185,8 +234,8 @@ drives initialisation of new parameters, data order and dropout). Wall time is t
 `gkd distill` process (model loading and the final evaluation included); peak memory is the process's maximum
 resident set size. The majority-class baseline is {baseline:.4f}.
 
-| method | accuracy | per seed | steps | wall time | peak RSS | beats majority | beats plain fine-tuning |
-| --- | --- | --- | --- | --- | --- | --- | --- |
+| method | accuracy | per seed | steps | wall time | peak RSS | beats majority | beats plain fine-tuning | measured |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(rows) + "\n"
     if worse:
         text += f"\nMethods that do not beat plain fine-tuning of the same student here: {', '.join(worse)}.\n"
@@ -195,7 +244,19 @@ resident set size. The majority-class baseline is {baseline:.4f}.
     if failures:
         text += "\nFailed runs: " + "; ".join(f"{m}: {e}" for m, e in failures.items()) + "\n"
     text += ("\nThis is a short, single-task budget on a CPU: the ranking says how the methods behave on this "
-             "task at this scale, not how they compare at the paper's scale.\n")
+             "task at this scale, not how they compare at the paper's scale. Rows measured on different dates come "
+             "from separate runs of this script (same protocol); \"beats plain fine-tuning\" compares with the "
+             "plain fine-tuning row of the same date.\n")
+    images = sorted(PLOTS.glob("*.png")) if PLOTS.is_dir() else []
+    if images:
+        text += ("\n## Loss curves\n\nEvery logged term of the first seed's run against the global step (the paper's "
+                 "Fig. 6), the method's stage then the plain fine-tuning stage; terms that start or stop mid-stage "
+                 "mark the phases of progressive methods (SID, MobileBERT).\n\n")
+        text += "\n".join(f"![{img.stem}](img/methods/{img.name})" for img in images) + "\n"
+    old = out.read_text() if out.is_file() else ""
+    # Hand-written sections (a reading of a specific run) are kept below the generated part.
+    kept = [part for part in old.split("\n## ")[1:] if not part.startswith("Loss curves")]
+    text += "".join(f"\n## {part.rstrip()}\n" for part in kept)
     out.write_text(text)
     print(f"wrote {out}")
 
