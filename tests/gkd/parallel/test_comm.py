@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gkd import parallel
+from gkd.parallel.comm import gather_over_dp
 
 pytestmark = pytest.mark.distributed
 
@@ -47,6 +48,7 @@ def comm_worker() -> dict[str, torch.Tensor]:
         "heads_grad": heads.grad,
         "ctx_grad": ctx.grad,
         "summed": summed.detach(),
+        "dp_noop": torch.tensor(gather_over_dp(heads) is heads),  # TP=2 on 2 ranks: DP size 1
     }
 
 
@@ -71,6 +73,7 @@ def test_gather_and_reduce_match_unsharded_math() -> None:
         torch.testing.assert_close(res["heads_grad"], ref["heads_grad"].chunk(2, dim=1)[r])
         torch.testing.assert_close(res["ctx_grad"], ref["ctx_grad"].chunk(2, dim=-1)[r])
         assert float(res["summed"]) == 3.0
+        assert bool(res["dp_noop"])
 
 
 def test_worker_errors_surface_in_the_parent() -> None:
@@ -95,3 +98,70 @@ def test_single_rank_collectives_are_identities() -> None:
         parallel.shard_along_dim(t, 2, rank=0, world=3)
     with pytest.raises(ValueError, match="module-level function"):
         parallel.run_distributed(lambda: None, 2)
+
+
+DP_ROWS = (1, 3)  # uneven on purpose: rank 0 holds example 0, rank 1 examples 1-3
+
+
+def _dp_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(sum(DP_ROWS), 5, generator=g), torch.randn(5, 4, generator=g)
+
+
+def _rank_loss(local: torch.Tensor, everyone: torch.Tensor, start: int) -> torch.Tensor:
+    """A per-rank loss that reads the rank's own rows directly and everybody's through the gather
+    (in-batch negatives): the mean over local rows of a softmax cross-entropy against all rows,
+    the row itself (at ``start + i``) being the positive."""
+    logits = local @ everyone.T
+    return torch.nn.functional.cross_entropy(logits, torch.arange(start, start + local.shape[0]))
+
+
+def _dp_reference() -> dict[str, torch.Tensor]:
+    """One process, the whole batch: the objective is the mean of the two ranks' losses."""
+    x, w = _dp_inputs()
+    w = w.clone().requires_grad_()
+    h = x @ w
+    h.retain_grad()
+    parts = h.split(DP_ROWS)
+    loss = sum(_rank_loss(p, h, sum(DP_ROWS[:r])) for r, p in enumerate(parts)) / len(parts)
+    loss.backward()
+    return {"loss": loss.detach(), "w_grad": w.grad, "h_grad": h.grad, "h": h.detach()}
+
+
+def dp_worker() -> dict[str, torch.Tensor]:
+    """DP=2 (TP=1): each rank projects its own rows with a replicated weight, gathers everybody's
+    and averages the weight gradient over the ranks as DDP/DeepSpeed do."""
+    import torch.distributed as dist
+
+    rank = parallel.dp_rank()
+    x, w = _dp_inputs()
+    w = w.clone().requires_grad_()
+    local = x.split(DP_ROWS)[rank] @ w
+    local.retain_grad()
+    everyone = gather_over_dp(local)
+    loss = _rank_loss(local, everyone, sum(DP_ROWS[:rank]))
+    loss.backward()
+    averaged = w.grad.clone()
+    dist.all_reduce(averaged)
+    return {"rank": torch.tensor(rank), "dp": torch.tensor(parallel.dp_world_size()), "loss": loss.detach(),
+            "gathered": everyone.detach(), "local_grad": local.grad, "w_grad": averaged / 2}
+
+
+def test_gather_over_dp_gives_the_single_process_gradient() -> None:
+    ref = _dp_reference()
+    results = parallel.run_distributed(dp_worker, 2, tp=1)
+    assert [int(r["dp"]) for r in results] == [2, 2]
+    # The mean of the ranks' losses is the single-process objective.
+    torch.testing.assert_close((results[0]["loss"] + results[1]["loss"]) / 2, ref["loss"])
+    for r, res in enumerate(results):
+        assert int(res["rank"]) == r
+        torch.testing.assert_close(res["gathered"], ref["h"], rtol=0, atol=0)
+        # The averaged weight gradient is the single-process gradient ...
+        torch.testing.assert_close(res["w_grad"], ref["w_grad"])
+        # ... because each rank's rows get the sum of every rank's gradient: 2 x the objective's.
+        torch.testing.assert_close(res["local_grad"], 2 * ref["h_grad"].split(DP_ROWS)[r])
+
+
+def test_gather_over_dp_is_the_identity_at_dp_size_1() -> None:
+    t = torch.randn(3, 2)
+    assert gather_over_dp(t) is t

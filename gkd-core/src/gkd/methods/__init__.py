@@ -27,7 +27,8 @@ is documented where it is defined):
   :func:`task_loss_per_example`;
 * layer maps — :func:`uniform_map`, :func:`stride_map`, :func:`random_map`, :func:`hidden_tap`;
 * tensor-parallel collectives for losses over sharded features — :func:`gather_heads`,
-  :func:`gather_last_dim`, :func:`all_reduce_mean_over_tp`, … (``gkd.parallel.comm``);
+  :func:`gather_last_dim`, :func:`all_reduce_mean_over_tp`, … (``gkd.parallel.comm``), and
+  :func:`gather_over_dp`, the batch rows of every data-parallel rank (in-batch negatives);
 * :class:`GkdError` — raise it for a problem the user can fix (one line, exit code 2).
 
 Names resolve on first use, so importing this module (as ``gkd methods list`` does for every
@@ -50,7 +51,7 @@ _LOSSES = ("SoftLoss", "attention_kl", "attention_valid_mask", "cosine_distance"
            "soft_cross_entropy", "soft_loss", "task_loss", "task_loss_per_example")
 _LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
 _COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
-         "shard_along_dim")
+         "gather_over_dp", "shard_along_dim")
 _STATE = ("tp_rank", "tp_world_size")
 
 _EXPORTS: dict[str, str] = {
@@ -117,6 +118,7 @@ __all__ = [
     "gather_along_dim",
     "gather_heads",
     "gather_last_dim",
+    "gather_over_dp",
     "hard_loss_claim",
     "hidden_tap",
     "hookimpl",
@@ -207,6 +209,7 @@ if TYPE_CHECKING:
         gather_along_dim,
         gather_heads,
         gather_last_dim,
+        gather_over_dp,
         shard_along_dim,
     )
     from gkd.parallel.state import tp_rank, tp_world_size

@@ -12,6 +12,10 @@ shapes:
   when shards are equal-sized, e.g. a mean over heads) or :func:`all_reduce_sum_over_tp`.
 
 With TP size 1 every function returns its input unchanged.
+
+One collective runs over the **data-parallel** group instead: :func:`gather_over_dp`, the
+batches of every DP rank concatenated (LRC-BERT's cross-rank negatives). It is a no-op with DP
+size 1.
 """
 
 from __future__ import annotations
@@ -109,6 +113,67 @@ def all_reduce_mean_over_tp(t: torch.Tensor, group: dist.ProcessGroup | None = N
     return _AllReduce.apply(t, 1.0 / world, group)
 
 
+class _GatherOverDP(torch.autograd.Function):
+    """All-gather along dim 0 over the DP group; rows may differ in number between ranks.
+
+    Backward: the gradient of the gathered tensor is summed over the DP ranks, and each rank
+    keeps its own rows. Each DP rank computes a *different* loss from the gathered tensor (its
+    own examples against everybody's), and the optimiser averages the ranks' gradients; the
+    sum makes that average the gradient of the mean of the ranks' losses with respect to every
+    rank's rows, i.e. the single-process gradient of the same objective on the whole batch.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device), group=group)
+        counts = [int(n) for n in sizes]
+        longest = max(counts)
+        padded = x.contiguous()
+        if x.shape[0] < longest:  # all_gather needs equal shapes: pad the rows, strip them after
+            padded = torch.cat([padded, padded.new_zeros(longest - x.shape[0], *x.shape[1:])])
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        ctx.group, ctx.start, ctx.rows = group, sum(counts[:rank]), x.shape[0]
+        return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.narrow(0, ctx.start, ctx.rows).contiguous(), None
+
+
+def _dp_group() -> tuple[int, dist.ProcessGroup | None]:
+    """(size, group) of this rank's data-parallel group; size 1 without parallel state."""
+    if not is_initialized():
+        return 1, None
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    return dist.get_world_size(group), group
+
+
+def gather_over_dp(t: torch.Tensor) -> torch.Tensor:
+    """The rows (dim 0, the batch) of every data-parallel rank, concatenated in DP-rank order
+    (differentiable); ``t`` itself with DP size 1 or without parallel state.
+
+    The ranks' tensors must agree in every dimension but the first; the number of rows may
+    differ. This rank's rows start at the sum of the row counts of the lower DP ranks. The
+    backward sums the gathered tensor's gradient over the DP ranks before taking this rank's
+    rows: with per-rank losses ``L_r`` (each rank its own examples, against all gathered rows)
+    and the usual averaging of gradients over DP ranks (DDP, DeepSpeed), the student receives
+    the gradient of ``mean_r L_r`` — with equal local batches and per-rank means, the gradient
+    a single process computes on the concatenated batch. Every DP rank must call it (and run
+    the backward) in the same order: it is a collective.
+    """
+    world, group = _dp_group()
+    if world == 1:
+        return t
+    return _GatherOverDP.apply(t, group)
+
+
 def shard_along_dim(
     t: torch.Tensor, dim: int, rank: int | None = None, world: int | None = None
 ) -> torch.Tensor:
@@ -126,5 +191,6 @@ __all__ = [
     "gather_along_dim",
     "gather_heads",
     "gather_last_dim",
+    "gather_over_dp",
     "shard_along_dim",
 ]
