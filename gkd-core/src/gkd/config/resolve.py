@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-ENCODER_TYPES = frozenset({"bert"})
+ENCODER_TYPES = frozenset({"bert", "mobilebert"})
 DECODER_TYPES = frozenset({"llama"})
 """Hugging Face ``model_type`` values gkd's models read (kept here so that checking a config
 does not import megatron-core)."""

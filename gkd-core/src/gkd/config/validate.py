@@ -39,10 +39,21 @@ def shape_from_hf(cfg: dict[str, Any]) -> ModelShape | None:
         return None
     from gkd.methods.api import ModelShape
 
-    heads = cfg["num_attention_heads"]
-    return ModelShape(family, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    attention = _attention_size(cfg, hidden)
+    return ModelShape(family, cfg["num_hidden_layers"], hidden, heads,
                       int(cfg.get("num_key_value_heads") or heads), cfg["intermediate_size"],
-                      int(cfg.get("vocab_size") or 0), head=_own_head(cfg))
+                      int(cfg.get("vocab_size") or 0), head=_own_head(cfg),
+                      attention_size=None if attention == hidden else attention)
+
+
+def _attention_size(cfg: dict[str, Any], hidden: int) -> int:
+    """Width of the attention (heads × head_dim): MobileBERT's ``intra_bottleneck_size`` (transformers'
+    defaults: ``use_bottleneck`` true, 128), else ``hidden``."""
+    if cfg.get("model_type") == "mobilebert":
+        intra = cfg.get("intra_bottleneck_size", 128)
+        return intra if cfg.get("use_bottleneck", True) and isinstance(intra, int) else hidden
+    return hidden
 
 
 def with_overrides(shape: ModelShape, arch: Any) -> ModelShape:

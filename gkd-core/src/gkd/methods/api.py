@@ -45,8 +45,9 @@ def teacher_key(name: str) -> str:
 class ModelShape:
     """What a method may know about a model before it is built.
 
-    The first eight fields are always known (validation reads them from ``config.json``). The
-    last two may be ``None`` for "unknown"; checks then assume the model has them.
+    The first eight fields are always known (validation reads them from ``config.json``).
+    ``head`` and ``has_pooler`` may be ``None`` for "unknown"; checks then assume the model has
+    them.
     """
 
     family: str
@@ -63,10 +64,14 @@ class ModelShape:
     """``"none"`` (no logits), ``"lm"``, ``"mlm"`` or ``"classification"``; ``None``: unknown."""
     has_pooler: bool | None = None
     """Whether the tap ``pooled`` exists (encoders with a pooler); ``None``: unknown."""
+    attention_size: int | None = None
+    """Width of the attention (``heads × head_dim``, the ``attention.context`` width) when it
+    differs from ``hidden_size``: MobileBERT's inverted bottleneck (``intra_bottleneck_size``);
+    ``None``: ``hidden_size``."""
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return (self.attention_size or self.hidden_size) // self.num_heads
 
     @property
     def has_logits(self) -> bool | None:
@@ -77,9 +82,11 @@ class ModelShape:
     def from_model_config(cls, cfg: Any) -> ModelShape:
         """The shape of a :class:`gkd.models.ModelConfig` (every field known)."""
         labels = cfg.num_labels if cfg.head == "classification" else None
+        attention = cfg.true_hidden_size if getattr(cfg, "is_mobilebert", False) else cfg.hidden_size
         return cls(cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
                    cfg.ffn_hidden_size, cfg.vocab_size, labels, head=cfg.head,
-                   has_pooler=bool(cfg.family == "encoder" and cfg.add_pooler))
+                   has_pooler=bool(cfg.family == "encoder" and cfg.add_pooler),
+                   attention_size=None if attention == cfg.hidden_size else attention)
 
 
 @dataclass(frozen=True)

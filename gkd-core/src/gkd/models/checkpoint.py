@@ -3,7 +3,8 @@
 In: ``config.json`` → :class:`ModelConfig`; ``model.safetensors`` (or a sharded index) →
 weights, each TP rank keeping only its slice. Out: :func:`export_hf` writes
 ``model.safetensors`` + ``config.json`` (+ tokenizer files) that ``transformers`` loads as
-``BertModel`` / ``BertForSequenceClassification`` / ``BertForMaskedLM`` / ``LlamaModel`` /
+``BertModel`` / ``BertForSequenceClassification`` / ``BertForMaskedLM`` / ``MobileBertModel`` /
+``MobileBertForSequenceClassification`` / ``MobileBertForMaskedLM`` / ``LlamaModel`` /
 ``LlamaForCausalLM``; under TP the shards are merged and global rank 0 writes. Every file is
 written atomically (temporary file, fsync, rename).
 """
@@ -130,6 +131,8 @@ class _Entry:
     hf: tuple[str, ...]
     join: Callable[[list[torch.Tensor]], torch.Tensor]
     split: Callable[[torch.Tensor], list[torch.Tensor]]
+    vocab_dim: int = 0
+    """Dimension of the HF tensor(s) that runs over the vocabulary (vocabulary-parallel parameters)."""
 
 
 def _single(gkd: str, hf: str) -> _Entry:
@@ -157,6 +160,11 @@ def _qkv(gkd: str, hf: tuple[str, str, str], cfg: ModelConfig) -> _Entry:
     return _Entry(gkd, hf, join, split)
 
 
+def _transposed(gkd: str, hf: str) -> _Entry:
+    """A gkd ``[V, n]`` parameter stored by HF as ``[n, V]`` (MobileBERT's ``cls.predictions.dense``)."""
+    return _Entry(gkd, (hf,), lambda ts: ts[0].t().contiguous(), lambda t: [t.t()], vocab_dim=1)
+
+
 def _glu(gkd: str, gate: str, up: str) -> _Entry:
     return _Entry(gkd, (gate, up), lambda ts: torch.cat(ts, dim=0), lambda t: list(t.chunk(2, dim=0)))
 
@@ -164,14 +172,70 @@ def _glu(gkd: str, gate: str, up: str) -> _Entry:
 def hf_prefix(cfg: ModelConfig) -> str:
     """Prefix of backbone keys in the HF class :meth:`ModelConfig.to_hf_config` names."""
     if cfg.family == "encoder":
-        return "" if cfg.head == "none" else "bert."
+        return "" if cfg.head == "none" else ("mobilebert." if cfg.is_mobilebert else "bert.")
     return "model." if cfg.head == "lm" else ""
+
+
+def _mobilebert_entries(cfg: ModelConfig, p: str) -> list[_Entry]:
+    """MobileBERT (transformers' ``MobileBert*``) names; see :mod:`gkd.models.bottleneck`."""
+    pairs = [
+        ("embeddings.word_embeddings.weight", f"{p}embeddings.word_embeddings.weight"),
+        ("embeddings.position_embeddings.weight", f"{p}embeddings.position_embeddings.weight"),
+        ("embeddings.token_type_embeddings.weight", f"{p}embeddings.token_type_embeddings.weight"),
+        ("pooler.weight", f"{p}pooler.dense.weight"),
+        ("pooler.bias", f"{p}pooler.dense.bias"),
+        ("classifier.weight", "classifier.weight"),
+        ("classifier.bias", "classifier.bias"),
+        # transformers ties decoder.bias to cls.predictions.bias only with tied embeddings, and
+        # its forward adds decoder.bias.
+        (
+            "mlm_decoder.bias",
+            "cls.predictions.bias" if cfg.tie_word_embeddings else "cls.predictions.decoder.bias",
+        ),
+        ("mlm_word_decoder.weight", "cls.predictions.decoder.weight"),
+    ]
+    for w in ("weight", "bias"):
+        pairs += [
+            (f"embeddings.embedding_transformation.{w}", f"{p}embeddings.embedding_transformation.{w}"),
+            (f"embeddings.norm.{w}", f"{p}embeddings.LayerNorm.{w}"),
+            (f"mlm_transform.{w}", f"cls.predictions.transform.dense.{w}"),
+            (f"mlm_norm.{w}", f"cls.predictions.transform.LayerNorm.{w}"),
+        ]
+        for i in range(cfg.num_layers):
+            g, h = f"layers.{i}.", f"{p}encoder.layer.{i}."
+            pairs += [
+                (f"{g}bottleneck_input.{w}", f"{h}bottleneck.input.dense.{w}"),
+                (f"{g}bottleneck_input_norm.{w}", f"{h}bottleneck.input.LayerNorm.{w}"),
+                (f"{g}bottleneck_attention.{w}", f"{h}bottleneck.attention.dense.{w}"),
+                (f"{g}bottleneck_attention_norm.{w}", f"{h}bottleneck.attention.LayerNorm.{w}"),
+                (f"{g}self_attention.linear_q.{w}", f"{h}attention.self.query.{w}"),
+                (f"{g}self_attention.linear_k.{w}", f"{h}attention.self.key.{w}"),
+                (f"{g}self_attention.linear_v.{w}", f"{h}attention.self.value.{w}"),
+                (f"{g}self_attention.linear_proj.{w}", f"{h}attention.output.dense.{w}"),
+                (f"{g}attention_norm.{w}", f"{h}attention.output.LayerNorm.{w}"),
+                (f"{g}mlp.linear_fc1.{w}", f"{h}intermediate.dense.{w}"),
+                (f"{g}mlp.linear_fc2.{w}", f"{h}output.dense.{w}"),
+                (f"{g}mlp_norm.{w}", f"{h}output.LayerNorm.{w}"),
+                (f"{g}output_bottleneck.{w}", f"{h}output.bottleneck.dense.{w}"),
+                (f"{g}output_norm.{w}", f"{h}output.bottleneck.LayerNorm.{w}"),
+            ]
+            for j in range(cfg.num_feedforward_networks - 1):
+                pairs += [
+                    (f"{g}ffns.{j}.linear_fc1.{w}", f"{h}ffn.{j}.intermediate.dense.{w}"),
+                    (f"{g}ffns.{j}.linear_fc2.{w}", f"{h}ffn.{j}.output.dense.{w}"),
+                    (f"{g}ffn_norms.{j}.{w}", f"{h}ffn.{j}.output.LayerNorm.{w}"),
+                ]
+    return [_single(g, h) for g, h in pairs] + [
+        _transposed("mlm_dense.weight", "cls.predictions.dense.weight")
+    ]
 
 
 def _entries(cfg: ModelConfig, prefix: str) -> dict[str, _Entry]:
     p = prefix
     out: list[_Entry] = []
-    if cfg.family == "encoder":
+    if cfg.is_mobilebert:
+        out += _mobilebert_entries(cfg, p)
+    elif cfg.family == "encoder":
         out += [
             _single("embeddings.word_embeddings.weight", f"{p}embeddings.word_embeddings.weight"),
             _single("embeddings.position_embeddings.weight", f"{p}embeddings.position_embeddings.weight"),
@@ -231,7 +295,10 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
     """HF keys that carry no weights gkd needs (buffers, tied duplicates)."""
     if name.endswith(("embeddings.position_ids", "rotary_emb.inv_freq")):
         return True
-    if name == "cls.predictions.decoder.bias":  # the same tensor as cls.predictions.bias
+    if cfg.is_mobilebert and not cfg.tie_word_embeddings:
+        if name == "cls.predictions.bias":  # untied MobileBERT: unused by transformers' forward
+            return True
+    elif name == "cls.predictions.decoder.bias":  # the same tensor as cls.predictions.bias
         return True
     return cfg.tie_word_embeddings and name in ("lm_head.weight", "cls.predictions.decoder.weight")
 
@@ -240,7 +307,7 @@ def detect_hf_prefix(cfg: ModelConfig, names: Iterable[str]) -> str:
     """Backbone key prefix of an HF checkpoint (``""``, ``"bert."``, ``"model."``)."""
     names = set(names)
     probe = "embeddings.word_embeddings.weight" if cfg.family == "encoder" else "embed_tokens.weight"
-    for prefix in ("", "bert.", "model.", "transformer."):
+    for prefix in ("", "bert.", "mobilebert.", "model.", "transformer."):
         if prefix + probe in names:
             return prefix
     raise KeyError(f"checkpoint has no {probe!r} under any known prefix; is it a {cfg.family} checkpoint?")
@@ -265,8 +332,9 @@ def _read_local(
     kind: ShardKind,
     rank: int,
     tp: int,
-    local_shape: torch.Size,
+    local_shape: torch.Size | tuple[int, ...],
     vocab_size: int,
+    vocab_dim: int = 0,
 ) -> torch.Tensor:
     """This rank's part of one HF tensor, reading no more of it than that part.
 
@@ -274,26 +342,27 @@ def _read_local(
     column-parallel, GLU (gate and up separately), QKV (q, k, v separately: rank r's blocks
     are its query groups) and vocabulary tensors, columns for row-parallel ones — and the
     gkd parameter is the join of block ``r`` of each. Vocabulary blocks are cut from the
-    padded row range and padded with zero rows.
+    padded row range (along ``vocab_dim`` of the HF tensor, whose local shape is
+    ``local_shape``) and padded with zeros.
     """
-    if kind is ShardKind.VOCAB and src.shape(name)[0] != vocab_size:
+    if kind is ShardKind.VOCAB and src.shape(name)[vocab_dim] != vocab_size:
         raise ValueError(
-            f"{name}: checkpoint has {src.shape(name)[0]} vocabulary rows, the model {vocab_size}"
+            f"{name}: checkpoint has {src.shape(name)[vocab_dim]} vocabulary rows, the model {vocab_size}"
         )
     if tp == 1 or kind is ShardKind.REPLICATED:
         return src.get(name)
     if kind is ShardKind.VOCAB:
-        rows, total = local_shape[0], vocab_size
+        rows, total = local_shape[vocab_dim], vocab_size
         start = rank * rows
         stop = min(start + rows, total)
-        part = src.get_part(name, 0, start, stop) if start < total else None
-        have = 0 if part is None else part.shape[0]
+        part = src.get_part(name, vocab_dim, start, stop) if start < total else None
+        have = 0 if part is None else part.shape[vocab_dim]
         if part is not None and have == rows:
             return part
-        pad = torch.zeros(
-            (rows - have, *local_shape[1:]), dtype=torch.float32 if part is None else part.dtype
-        )
-        return pad if part is None else torch.cat([part, pad], dim=0)
+        pad_shape = list(local_shape)
+        pad_shape[vocab_dim] = rows - have
+        pad = torch.zeros(pad_shape, dtype=torch.float32 if part is None else part.dtype)
+        return pad if part is None else torch.cat([part, pad], dim=vocab_dim)
     dim = 1 if kind is ShardKind.ROW else 0
     size = src.shape(name)[dim]
     if size % tp:
@@ -330,8 +399,9 @@ def load_hf_weights(
             report.missing.append(name)
             continue
         kind = shard_kind(name, cfg)
+        hf_shape = tuple(param.shape) if entry.vocab_dim == 0 else tuple(reversed(param.shape))
         local = entry.join(
-            [_read_local(src, n, kind, rank, tp, param.shape, cfg.vocab_size) for n in entry.hf]
+            [_read_local(src, n, kind, rank, tp, hf_shape, cfg.vocab_size, entry.vocab_dim) for n in entry.hf]
         )
         if local.shape != param.shape:
             raise ValueError(
@@ -411,6 +481,8 @@ def hf_state_dict(model: GkdModel) -> dict[str, torch.Tensor]:
     if "cls.predictions.bias" in out:
         # transformers ties decoder.bias to this tensor; 4.x checkpoints carry both keys.
         out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
+    elif "cls.predictions.decoder.bias" in out:  # untied MobileBERT: the same values in both
+        out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"].clone()
     return out
 
 

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 
 Family = Literal["encoder", "decoder"]
+Variant = Literal["standard", "mobilebert"]
+NormType = Literal["no_norm", "layer_norm"]
 HeadKind = Literal["none", "lm", "mlm", "classification"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 FAMILIES: tuple[str, ...] = ("encoder", "decoder")
+VARIANTS: tuple[str, ...] = ("standard", "mobilebert")
+NORM_TYPES: tuple[str, ...] = ("no_norm", "layer_norm")
 HEADS_BY_FAMILY: dict[str, tuple[str, ...]] = {
     "encoder": ("none", "mlm", "classification"),
     "decoder": ("none", "lm"),
@@ -41,6 +45,24 @@ _ENCODER_ARCH = {
     "classification": "BertForSequenceClassification",
 }
 _DECODER_ARCH = {"none": "LlamaModel", "lm": "LlamaForCausalLM"}
+_MOBILEBERT_ARCH = {
+    "none": "MobileBertModel",
+    "mlm": "MobileBertForMaskedLM",
+    "classification": "MobileBertForSequenceClassification",
+}
+# The inverted-bottleneck fields with the values they have in a standard model (and their
+# HF MobileBertConfig defaults where those differ: embedding_size 128, intra_bottleneck_size 128).
+_IB_DEFAULTS: dict[str, Any] = {
+    "embedding_size": None,
+    "trigram_input": True,
+    "use_bottleneck": True,
+    "intra_bottleneck_size": None,
+    "use_bottleneck_attention": False,
+    "key_query_shared_bottleneck": True,
+    "num_feedforward_networks": 4,
+    "normalization_type": "no_norm",
+    "classifier_activation": True,
+}
 
 
 @dataclass
@@ -48,7 +70,7 @@ class ModelConfig:
     """Shape and options of a teacher or student model.
 
     ``encoder`` is BERT/MiniLM (post-LayerNorm, learned absolute positions, token types, GELU
-    MLP); ``decoder`` is Llama/SmolLM2 (pre-RMSNorm, RoPE, SwiGLU, grouped-query attention,
+    MLP), or with ``variant="mobilebert"`` MobileBERT's inverted-bottleneck encoder; ``decoder`` is Llama/SmolLM2 (pre-RMSNorm, RoPE, SwiGLU, grouped-query attention,
     causal). Tensor-parallel size is not part of the config: it comes from
     :mod:`gkd.parallel` when the model is built.
     """
@@ -113,6 +135,31 @@ class ModelConfig:
     extra_hf: dict[str, Any] = field(default_factory=dict)
     """HF config keys gkd does not interpret; kept so an export round-trips them."""
 
+    # ------------------------------------------------------------------ MobileBERT (IB)
+    variant: Variant = "standard"
+    """``"standard"`` (BERT / Llama layers) or ``"mobilebert"``: the inverted-bottleneck
+    encoder of MobileBERT (family ``encoder``). The fields below mirror HF's
+    ``MobileBertConfig`` and only apply to ``"mobilebert"`` (they must keep their defaults
+    otherwise)."""
+    embedding_size: int | None = None
+    """Width of the word embedding table (``None``: ``hidden_size``)."""
+    trigram_input: bool = True
+    """Embed ``[next, current, previous]`` token vectors (3·embedding_size) and project them to ``hidden_size``."""
+    use_bottleneck: bool = True
+    """Project the residual stream (``hidden_size``) into each layer's ``intra_bottleneck_size`` and back."""
+    intra_bottleneck_size: int | None = None
+    """Width of attention and FFNs inside a layer (the "true hidden size"; ``None``: ``hidden_size``)."""
+    use_bottleneck_attention: bool = False
+    """Query, key and value all from the input bottleneck (else value from the residual stream)."""
+    key_query_shared_bottleneck: bool = True
+    """Query and key from a second, shared bottleneck projection."""
+    num_feedforward_networks: int = 4
+    """FFNs per layer (the first ``n - 1`` stacked with residual + norm, then the final one)."""
+    normalization_type: NormType = "no_norm"
+    """``"no_norm"`` (elementwise ``x·w + b``) or ``"layer_norm"``."""
+    classifier_activation: bool = True
+    """Pooler is ``tanh(dense(h[CLS]))``; False: the pooled vector is ``h[CLS]`` itself (no parameters)."""
+
     def __post_init__(self) -> None:
         if self.family == "decoder":
             # Encoder-only options have no meaning for decoders; normalise so equal
@@ -130,6 +177,7 @@ class ModelConfig:
                 errors.append(f"{name} ({getattr(self, name)}) must be positive")
         if (
             self.head_dim is None
+            and self.variant == "standard"
             and self.num_attention_heads > 0
             and self.hidden_size % self.num_attention_heads
         ):
@@ -158,10 +206,82 @@ class ModelConfig:
             errors.append(f"num_labels ({self.num_labels}) must be >= 1")
         if self.dtype not in _DTYPES:
             errors.append(f"dtype ({self.dtype!r}) must be one of {sorted(_DTYPES)}")
+        errors += self._bottleneck_errors()
         if errors:
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
 
+    def _bottleneck_errors(self) -> list[str]:
+        if self.variant not in VARIANTS:
+            return [f"variant ({self.variant!r}) must be one of {VARIANTS}"]
+        if self.variant == "standard":
+            changed = [k for k, v in _IB_DEFAULTS.items() if getattr(self, k) != v]
+            return [
+                f"{k} ({getattr(self, k)!r}) only applies to variant 'mobilebert' (this config is 'standard')"
+                for k in changed
+            ]
+        errors: list[str] = []
+        if self.family != "encoder":
+            errors.append(f"variant 'mobilebert' is an encoder; family ({self.family!r}) must be 'encoder'")
+        if self.normalization_type not in NORM_TYPES:
+            errors.append(f"normalization_type ({self.normalization_type!r}) must be one of {NORM_TYPES}")
+        for name in ("embedding_size", "intra_bottleneck_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                errors.append(f"{name} ({value}) must be positive")
+        if self.num_feedforward_networks < 1:
+            errors.append(f"num_feedforward_networks ({self.num_feedforward_networks}) must be >= 1")
+        if self.head_dim is not None:
+            errors.append(
+                "variant 'mobilebert' derives head_dim from intra_bottleneck_size; leave head_dim unset"
+            )
+        true = self.true_hidden_size
+        if self.num_attention_heads > 0 and true % self.num_attention_heads:
+            errors.append(
+                f"the attention width ({true}, intra_bottleneck_size) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if (
+            self.use_bottleneck
+            and not self.use_bottleneck_attention
+            and not self.key_query_shared_bottleneck
+            and true != self.hidden_size
+        ):
+            errors.append(
+                "with use_bottleneck and neither use_bottleneck_attention nor key_query_shared_bottleneck, "
+                f"query/key read the residual stream: intra_bottleneck_size ({true}) must equal hidden_size "
+                f"({self.hidden_size}) (as in transformers' MobileBERT)"
+            )
+        if self.head == "mlm" and self.word_embedding_size >= self.hidden_size:
+            errors.append(
+                f"the MobileBERT MLM head needs embedding_size ({self.word_embedding_size}) < hidden_size "
+                f"({self.hidden_size}) (its decoder is [word embeddings; dense] over hidden_size)"
+            )
+        return errors
+
     # ------------------------------------------------------------------ derived values
+    @property
+    def is_mobilebert(self) -> bool:
+        """Whether this is the MobileBERT inverted-bottleneck encoder."""
+        return self.variant == "mobilebert"
+
+    @property
+    def word_embedding_size(self) -> int:
+        """Width of the word embedding table (``embedding_size``, else ``hidden_size``)."""
+        return self.embedding_size if self.embedding_size is not None else self.hidden_size
+
+    @property
+    def true_hidden_size(self) -> int:
+        """Width inside a layer (attention, FFNs): ``intra_bottleneck_size`` for IB layers with
+        ``use_bottleneck``, else ``hidden_size``."""
+        if self.is_mobilebert and self.use_bottleneck and self.intra_bottleneck_size is not None:
+            return self.intra_bottleneck_size
+        return self.hidden_size
+
+    @property
+    def attention_size(self) -> int:
+        """Width of the attention (heads × head_dim): the ``attention.context`` tap's last dimension."""
+        return self.num_attention_heads * self.kv_channels
+
     @property
     def kv_heads(self) -> int:
         """Key/value heads (``num_kv_heads`` or ``num_attention_heads``)."""
@@ -170,7 +290,9 @@ class ModelConfig:
     @property
     def kv_channels(self) -> int:
         """Per-head width."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.true_hidden_size // self.num_attention_heads
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -247,7 +369,7 @@ class ModelConfig:
     def from_hf_config(
         cls, hf: Mapping[str, Any], *, head: HeadKind | None = None, **overrides: Any
     ) -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dict (``bert`` or ``llama`` model types).
+        """Build from a Hugging Face ``config.json`` dict (``bert``, ``mobilebert`` or ``llama`` model types).
 
         Args:
             hf: The parsed ``config.json``.
@@ -355,9 +477,62 @@ class ModelConfig:
                 bos_token_id=take("bos_token_id"),
                 eos_token_id=take("eos_token_id"),
             )
+        elif model_type == "mobilebert":
+            if head is None:
+                head = (
+                    "mlm"
+                    if ("MaskedLM" in arch or "PreTraining" in arch)
+                    else ("classification" if "SequenceClassification" in arch else "none")
+                )
+            id2label = take("id2label")
+            num_labels = len(id2label) if id2label else take("num_labels", 2)
+            if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
+                id2label = None
+            hidden = take("hidden_size", 512)
+            use_bottleneck = take("use_bottleneck", True)
+            intra = take("intra_bottleneck_size", 128)
+            take("true_hidden_size")  # derived by transformers from the two above
+            kw = dict(
+                family="encoder",
+                variant="mobilebert",
+                vocab_size=take("vocab_size", 30522),
+                hidden_size=hidden,
+                num_layers=take("num_hidden_layers", 24),
+                num_attention_heads=take("num_attention_heads", 4),
+                ffn_hidden_size=take("intermediate_size", 512),
+                max_position_embeddings=take("max_position_embeddings", 512),
+                type_vocab_size=take("type_vocab_size", 2),
+                hidden_act=take("hidden_act", "relu"),
+                norm_eps=take("layer_norm_eps", 1e-12),
+                tie_word_embeddings=take("tie_word_embeddings", True),
+                head=head,
+                add_pooler=head != "mlm",
+                num_labels=num_labels,
+                id2label={int(k): str(v) for k, v in id2label.items()}
+                if id2label and head == "classification"
+                else None,
+                classifier_dropout=take("classifier_dropout"),
+                hidden_dropout=take("hidden_dropout_prob", 0.0),
+                attention_dropout=take("attention_probs_dropout_prob", 0.1),
+                initializer_range=take("initializer_range", 0.02),
+                pad_token_id=take("pad_token_id", 0),
+                bos_token_id=take("bos_token_id"),
+                eos_token_id=take("eos_token_id"),
+                embedding_size=take("embedding_size", 128),
+                trigram_input=take("trigram_input", True),
+                use_bottleneck=use_bottleneck,
+                intra_bottleneck_size=intra if use_bottleneck else None,
+                use_bottleneck_attention=take("use_bottleneck_attention", False),
+                key_query_shared_bottleneck=take("key_query_shared_bottleneck", True),
+                num_feedforward_networks=take("num_feedforward_networks", 4),
+                normalization_type=take("normalization_type", "no_norm"),
+                classifier_activation=take("classifier_activation", True),
+            )
+            take("label2id")
         else:
             raise ValueError(
-                f"unsupported model_type {model_type!r}; gkd reads 'bert' (encoder) and 'llama' (decoder)"
+                f"unsupported model_type {model_type!r}; gkd reads 'bert' and 'mobilebert' (encoders) "
+                "and 'llama' (decoder)"
             )
         # Keys HF writes for every model; they carry no architecture information.
         known |= {
@@ -376,9 +551,12 @@ class ModelConfig:
         return cls(**kw)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """A Hugging Face ``config.json`` dict (``BertModel``/``BertFor*`` or ``Llama*``)."""
-        if self.family == "encoder":
-            hf: dict[str, Any] = {
+        """A Hugging Face ``config.json`` dict (``BertModel``/``BertFor*``, ``MobileBert*`` or ``Llama*``)."""
+        hf: dict[str, Any]
+        if self.is_mobilebert:
+            hf = self._mobilebert_hf_config()
+        elif self.family == "encoder":
+            hf = {
                 "architectures": [_ENCODER_ARCH[self.head]],
                 "model_type": "bert",
                 "vocab_size": self.vocab_size,
@@ -436,5 +614,50 @@ class ModelConfig:
             hf.setdefault(key, value)
         return hf
 
+    def _mobilebert_hf_config(self) -> dict[str, Any]:
+        hf: dict[str, Any] = {
+            "architectures": [_MOBILEBERT_ARCH[self.head]],
+            "model_type": "mobilebert",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.ffn_hidden_size,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.hidden_dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "initializer_range": self.initializer_range,
+            "layer_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "classifier_dropout": self.classifier_dropout,
+            "embedding_size": self.word_embedding_size,
+            "trigram_input": self.trigram_input,
+            "use_bottleneck": self.use_bottleneck,
+            "intra_bottleneck_size": self.true_hidden_size,
+            "use_bottleneck_attention": self.use_bottleneck_attention,
+            "key_query_shared_bottleneck": self.key_query_shared_bottleneck,
+            "num_feedforward_networks": self.num_feedforward_networks,
+            "normalization_type": self.normalization_type,
+            "classifier_activation": self.classifier_activation,
+        }
+        if self.head == "classification":
+            labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            hf["id2label"] = {str(k): v for k, v in labels.items()}
+            hf["label2id"] = {v: k for k, v in labels.items()}
+        return hf
 
-__all__ = ["FAMILIES", "HEADS_BY_FAMILY", "DType", "Family", "HeadKind", "ModelConfig"]
+
+__all__ = [
+    "FAMILIES",
+    "HEADS_BY_FAMILY",
+    "NORM_TYPES",
+    "VARIANTS",
+    "DType",
+    "Family",
+    "HeadKind",
+    "ModelConfig",
+    "NormType",
+    "Variant",
+]

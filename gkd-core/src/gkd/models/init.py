@@ -9,7 +9,10 @@ Four ways to start a student (GKD paper §6 / GLMKD ``--load-pretrained``,
 * :func:`truncated_student` — layers picked from a teacher (bottom-k, strided or an
   explicit list); where the student is narrower (hidden size, heads, FFN, vocabulary) each
   tensor keeps its *leading* slice in every dimension (in HF layout, so with an unchanged
-  head size the first heads are kept).
+  head size the first heads are kept). A MobileBERT student is cut from a MobileBERT teacher
+  with the same wiring (trigram, bottleneck options, norm type) and at most its FFNs per
+  layer (student FFN ``j`` ← teacher FFN ``j``; the final FFN ← the final FFN); narrower
+  ``embedding_size`` / ``intra_bottleneck_size`` keep leading slices too.
 
 :func:`gkd.engine.assets.RunAssets.build_student` chooses one of them from a run config's
 ``student.init`` (:class:`gkd.config.StudentInit`).
@@ -24,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from gkd.errors import GkdError
 from gkd.models.checkpoint import (
     HEAD_PARAMETER_PREFIXES,
     DictSource,
@@ -121,6 +125,7 @@ def truncated_state(
         raise ValueError(
             f"cannot truncate a {teacher_cfg.family} teacher into a {student_cfg.family} student"
         )
+    _check_bottleneck_truncation(teacher_cfg, student_cfg)
     s_prefix, t_prefix = hf_prefix(student_cfg), detect_hf_prefix(teacher_cfg, set(teacher))
     out: dict[str, torch.Tensor] = {}
     for s_name, shape in student_shapes.items():
@@ -134,13 +139,75 @@ def truncated_state(
             t_name = t_prefix + base
         if t_name not in teacher:
             continue
-        src = teacher[t_name]
+        src = _bottleneck_view(t_name, teacher, t_prefix, teacher_cfg, student_cfg)
         if src.dim() != len(shape) or any(s > t for s, t in zip(shape, src.shape, strict=True)):
             raise ValueError(
                 f"student tensor {s_name} {tuple(shape)} is not a leading slice of teacher {t_name} {tuple(src.shape)}"
             )
         out[s_name] = src[tuple(slice(0, n) for n in shape)].clone()
     return out
+
+
+def _bottleneck_view(
+    t_name: str, teacher: Mapping[str, torch.Tensor], t_prefix: str, t_cfg: ModelConfig, s_cfg: ModelConfig
+) -> torch.Tensor:
+    """Teacher tensor ``t_name`` arranged so that the student's tensor is its leading slice.
+
+    Only two MobileBERT tensors need it: the trigram projection (columns ``[next | current |
+    previous]``, each ``embedding_size`` wide, are sliced one by one) and the MLM ``dense``
+    (rows ``embedding_size..hidden_size`` of the full decoder ``[word embeddings; dense]``).
+    """
+    src = teacher[t_name]
+    if not t_cfg.is_mobilebert:
+        return src
+    es = s_cfg.word_embedding_size
+    if t_name == f"{t_prefix}embeddings.embedding_transformation.weight" and t_cfg.trigram_input:
+        return torch.cat([part[:, :es] for part in src.chunk(3, dim=1)], dim=1)
+    if t_name == "cls.predictions.dense.weight":
+        words = teacher.get(
+            "cls.predictions.decoder.weight", teacher[f"{t_prefix}embeddings.word_embeddings.weight"]
+        )
+        return torch.cat([words.t(), src], dim=0)[es:]  # the decoder rows es.. of [h_t, V]
+    return src
+
+
+_IB_LAYOUT_FIELDS = (
+    "trigram_input",
+    "use_bottleneck",
+    "use_bottleneck_attention",
+    "key_query_shared_bottleneck",
+    "normalization_type",
+)
+"""MobileBERT options that change which tensors exist or how they are wired; truncation needs them equal."""
+
+
+def _check_bottleneck_truncation(teacher: ModelConfig, student: ModelConfig) -> None:
+    """:class:`GkdError` unless ``student`` can be cut from ``teacher`` (both standard, or
+    both MobileBERT with the same wiring and at most the teacher's FFNs per layer)."""
+    if teacher.variant != student.variant:
+        raise GkdError(
+            f"cannot truncate a {teacher.variant!r} teacher into a {student.variant!r} student: "
+            "the layers have different parameters (use student init 'random' or 'pretrained')"
+        )
+    if not teacher.is_mobilebert:
+        return
+    differ = [
+        f"{name} (teacher {getattr(teacher, name)!r}, student {getattr(student, name)!r})"
+        for name in _IB_LAYOUT_FIELDS
+        if getattr(teacher, name) != getattr(student, name)
+    ]
+    if differ:
+        raise GkdError(
+            "cannot truncate this MobileBERT teacher into the student: "
+            + ", ".join(differ)
+            + " must be equal (use student init 'random' or 'pretrained')"
+        )
+    if student.num_feedforward_networks > teacher.num_feedforward_networks:
+        raise GkdError(
+            f"cannot truncate a MobileBERT teacher with num_feedforward_networks="
+            f"{teacher.num_feedforward_networks} into a student with {student.num_feedforward_networks}: "
+            "the student's extra FFNs have no teacher counterpart"
+        )
 
 
 def truncated_student(

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from gkd import parallel
+from gkd.models.bottleneck import BottleneckEmbeddings, get_mobilebert_layer_spec
 from gkd.models.config import ModelConfig
 from gkd.models.layers import get_decoder_layer_spec, get_encoder_layer_spec
 from gkd.models.sharding import ShardKind, shard_kind
@@ -101,19 +102,37 @@ class GkdModel(MegatronModule):
         tp = tconfig.tensor_model_parallel_size
         self.padded_vocab_size = cfg.padded_vocab_size(tp)
         encoder = cfg.family == "encoder"
-        self.embeddings = Embeddings(cfg, tconfig, self.padded_vocab_size)
-        spec = get_encoder_layer_spec() if encoder else get_decoder_layer_spec(cfg.rope_theta)
+        if cfg.is_mobilebert:
+            self.embeddings: nn.Module = BottleneckEmbeddings(cfg, tconfig, self.padded_vocab_size)
+            spec = get_mobilebert_layer_spec(cfg)
+        else:
+            self.embeddings = Embeddings(cfg, tconfig, self.padded_vocab_size)
+            spec = get_encoder_layer_spec() if encoder else get_decoder_layer_spec(cfg.rope_theta)
         self.layers = nn.ModuleList(
             build_module(spec, config=tconfig, layer_number=i + 1) for i in range(cfg.num_layers)
         )
         dtype = tconfig.params_dtype
         self.final_norm = None if encoder else nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
         h = cfg.hidden_size
-        self.pooler = nn.Linear(h, h, dtype=dtype) if encoder and cfg.add_pooler else None
+        self.has_pooler = encoder and cfg.add_pooler
+        # MobileBERT with classifier_activation=False pools h[CLS] itself (no parameters).
+        self.pooler = nn.Linear(h, h, dtype=dtype) if self.has_pooler and cfg.classifier_activation else None
         self.classifier = nn.Linear(h, cfg.num_labels, dtype=dtype) if cfg.head == "classification" else None
         self.mlm_transform = nn.Linear(h, h, dtype=dtype) if cfg.head == "mlm" else None
         self.mlm_norm = nn.LayerNorm(h, eps=cfg.norm_eps, dtype=dtype) if cfg.head == "mlm" else None
         self.mlm_decoder = self._vocab_projection(cfg, tconfig, bias=True) if cfg.head == "mlm" else None
+        # MobileBERT's MLM decoder is [word embeddings (embedding_size) | dense (the rest of
+        # hidden_size)] per vocabulary row; both parts are vocabulary-parallel like the embeddings.
+        self.mlm_dense = self.mlm_word_decoder = None
+        if cfg.is_mobilebert and cfg.head == "mlm":
+            emb = cfg.word_embedding_size
+            self.mlm_dense = VocabParallelEmbedding(
+                self.padded_vocab_size, h - emb, init_method=tconfig.init_method, config=tconfig
+            )
+            if not cfg.tie_word_embeddings:
+                self.mlm_word_decoder = VocabParallelEmbedding(
+                    self.padded_vocab_size, emb, init_method=tconfig.init_method, config=tconfig
+                )
         self.lm_head = self._vocab_projection(cfg, tconfig, bias=False) if cfg.head == "lm" else None
         if tconfig.perform_initialization:
             for module in (self.pooler, self.classifier, self.mlm_transform):
@@ -147,7 +166,8 @@ class GkdModel(MegatronModule):
             init_method=tconfig.init_method,
             bias=bias,
             gather_output=False,
-            skip_weight_param_allocation=cfg.tie_word_embeddings,
+            # MobileBERT assembles its decoder weight in forward (see mlm_dense).
+            skip_weight_param_allocation=cfg.tie_word_embeddings or cfg.is_mobilebert,
         )
 
     # ------------------------------------------------------------------ taps
@@ -158,7 +178,7 @@ class GkdModel(MegatronModule):
         names += [f"layers.{i}.{role}" for i in range(cfg.num_layers) for role in LAYER_ROLES]
         if self.final_norm is not None:
             names.append("final_norm")
-        if self.pooler is not None:
+        if self.has_pooler:
             names.append("pooled")
         if cfg.head != "none":
             names.append("logits")
@@ -273,8 +293,11 @@ class GkdModel(MegatronModule):
         last_hidden = hidden.transpose(0, 1)  # [b, s, h]
 
         pooled = logits = None
-        if self.pooler is not None:
-            pooled = tap("pooled", torch.tanh(self.pooler(last_hidden[:, 0])), Layout.PUBLIC)
+        if self.has_pooler:
+            first = last_hidden[:, 0]
+            pooled = tap(
+                "pooled", torch.tanh(self.pooler(first)) if self.pooler is not None else first, Layout.PUBLIC
+            )
         if self.classifier is not None:
             p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout
             logits = self.classifier(F.dropout(pooled, p=p, training=self.training))
@@ -289,6 +312,9 @@ class GkdModel(MegatronModule):
 
     def _vocab_logits(self, proj: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
         weight = self.embeddings.word_embeddings.weight if self.model_config.tie_word_embeddings else None
+        if self.mlm_dense is not None:
+            word = weight if self.mlm_word_decoder is None else self.mlm_word_decoder.weight
+            weight = torch.cat([word, self.mlm_dense.weight], dim=1)  # [V_local, h]
         local, _ = proj(x.contiguous(), weight=weight)  # [b, s, V_padded / tp]
         full = tensor_parallel.gather_from_tensor_model_parallel_region(local)
         return full[..., : self.model_config.vocab_size]

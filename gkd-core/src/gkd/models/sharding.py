@@ -3,14 +3,17 @@
 gkd names its parameters itself, so the split rule is a function of the name:
 
 * ``vocab`` — ``embeddings.word_embeddings.weight``, ``lm_head.weight``,
-  ``mlm_decoder.weight|bias``: rank r holds rows ``[r·Vp/tp, (r+1)·Vp/tp)`` of the
-  vocabulary padded to ``Vp`` (a multiple of tp);
+  ``mlm_decoder.weight|bias`` and MobileBERT's ``mlm_dense.weight`` /
+  ``mlm_word_decoder.weight`` (``[Vp, ·]``, the transpose of HF's ``cls.predictions.dense``):
+  rank r holds rows ``[r·Vp/tp, (r+1)·Vp/tp)`` of the vocabulary padded to ``Vp`` (a multiple of tp);
 * ``column`` — ``*.linear_qkv.weight|bias`` (rank r's query groups, megatron's fused
-  ``[q heads of g; k_g; v_g]`` per group) and the encoder's ``*.linear_fc1.weight|bias``: rows;
+  ``[q heads of g; k_g; v_g]`` per group), MobileBERT's separate ``*.linear_q|k|v.weight|bias``
+  (rank r's heads) and the encoder's ``*.linear_fc1.weight|bias``: rows;
 * ``glu`` — the decoder's ``*.linear_fc1.weight``: ``[gate_r; up_r]``;
 * ``row`` — ``*.linear_proj.weight``, ``*.linear_fc2.weight``: columns;
 * ``replicated`` — everything else (norms, biases after a row-parallel layer, positions,
-  token types, pooler, classifier, MLM transform): the full tensor on every rank.
+  token types, pooler, classifier, MLM transform, MobileBERT's bottleneck projections and
+  embedding transformation): the full tensor on every rank.
 
 "Full" tensors are in the TP=1 megatron layout (qkv interleaved per query group, ``[gate; up]``
 stacked, padded vocabulary). :mod:`gkd.models.checkpoint` reads each rank's part from HF files
@@ -38,7 +41,17 @@ class ShardKind(enum.Enum):
 
 
 _VOCAB_PARAMS = frozenset(
-    {"embeddings.word_embeddings.weight", "lm_head.weight", "mlm_decoder.weight", "mlm_decoder.bias"}
+    {
+        "embeddings.word_embeddings.weight",
+        "lm_head.weight",
+        "mlm_decoder.weight",
+        "mlm_decoder.bias",
+        "mlm_dense.weight",
+        "mlm_word_decoder.weight",
+    }
+)
+_COLUMN_SUFFIXES = tuple(
+    f".{name}.{w}" for name in ("linear_qkv", "linear_q", "linear_k", "linear_v") for w in ("weight", "bias")
 )
 
 
@@ -46,7 +59,7 @@ def shard_kind(name: str, config: ModelConfig) -> ShardKind:
     """Split rule of parameter ``name`` of a model with ``config``."""
     if name in _VOCAB_PARAMS:
         return ShardKind.VOCAB
-    if name.endswith((".linear_qkv.weight", ".linear_qkv.bias")):
+    if name.endswith(_COLUMN_SUFFIXES):
         return ShardKind.COLUMN
     if name.endswith((".linear_fc1.weight", ".linear_fc1.bias")):
         return ShardKind.GLU if config.family == "decoder" else ShardKind.COLUMN
