@@ -184,3 +184,22 @@ def test_ranks_read_only_their_part_of_sharded_tensors(tiny_llama_dir) -> None:
         voc = _read_local(src, emb, ShardKind.VOCAB, rank + 1, 3, torch.Size([43, 64]), 128)
         expect = torch.cat([full.get(emb), torch.zeros(1, 64)])[43 * (rank + 1) : 43 * (rank + 2)]
         assert torch.equal(voc, expect)
+
+
+def test_mlm_encoder_with_pooler_exports_a_loadable_checkpoint(tmp_path, batch) -> None:
+    """A masked-LM encoder built with the default pooler: the export holds what BertForMaskedLM
+    holds (no pooler), so gkd and transformers both load it back with the same logits."""
+    from gkd.models import build_model
+    from gkd.testing import tiny_config
+
+    model = build_model(tiny_config("encoder", 2, task="masked_lm"), seed=4).eval()
+    assert model.pooler is not None
+    out_dir = export_hf(model, tmp_path / "mlm")
+    again = from_pretrained(out_dir).eval()
+    ref = transformers.BertForMaskedLM.from_pretrained(out_dir).eval()
+    b = batch(100)
+    with torch.no_grad():
+        ours = model(b["input_ids"], b["attention_mask"]).logits
+        assert torch.equal(again(b["input_ids"], b["attention_mask"]).logits, ours)
+        theirs = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert _max_diff(ours, theirs, b["attention_mask"].bool()) <= 1e-5

@@ -503,6 +503,10 @@ def export_hf(
     """
     out = Path(out_dir)
     tensors = hf_state_dict(model)
+    if model.model_config.head == "mlm":
+        # The MLM classes of transformers (and gkd's reader of an MLM checkpoint) have no pooler:
+        # an MLM model's pooler feeds nothing, and writing it would make the export unloadable.
+        tensors = {k: v for k, v in tensors.items() if ".pooler." not in f".{k}"}
     if parallel.is_global_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(
