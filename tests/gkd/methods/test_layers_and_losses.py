@@ -115,3 +115,36 @@ def test_importing_gkd_methods_loads_neither_torch_nor_megatron():
             "assert sorted(set(m.__all__) - set(m._EXPORTS)) == ['checks', 'layers', 'losses']; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce", "mse"])
+def test_soft_loss_per_example_is_soft_loss_per_row_and_skips_padding(kind):
+    from gkd.methods import soft_loss_per_example, summary_token
+
+    assert soft_loss_per_example is losses.soft_loss_per_example and summary_token is losses.summary_token
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    per = losses.soft_loss_per_example(kind, s, t, 2.0)
+    assert per.shape == (4,)
+    assert per.mean().item() == pytest.approx(losses.soft_loss(kind, s, t, 2.0).item(), rel=1e-6)
+    for b in range(4):
+        assert per[b].item() == pytest.approx(losses.soft_loss(kind, s[b:b + 1], t[b:b + 1], 2.0).item(), rel=1e-5)
+    tok_s, tok_t = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    per_tok = losses.soft_loss_per_example(kind, tok_s, tok_t, 1.5, mask)
+    assert per_tok[0].item() == pytest.approx(losses.soft_loss(kind, tok_s[:1, :2], tok_t[:1, :2], 1.5).item(), rel=1e-5)
+    assert per_tok[1].item() == pytest.approx(losses.soft_loss(kind, tok_s[1:], tok_t[1:], 1.5).item(), rel=1e-5)
+    garbage = tok_s.clone()
+    garbage[0, 2] = 1e3
+    assert losses.soft_loss_per_example(kind, garbage, tok_t, 1.5, mask)[0].item() == pytest.approx(
+        per_tok[0].item(), rel=1e-6)
+    assert losses.soft_loss_per_example(kind, tok_s, tok_t, 1.5, torch.zeros(2, 3)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown soft loss"):
+        losses.soft_loss_per_example("l1", s, t)  # type: ignore[arg-type]
+
+
+def test_summary_token_is_cls_for_encoders_and_the_last_real_token_for_decoders():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right padding, left padding
+    assert torch.equal(losses.summary_token(hidden, mask, "encoder"), hidden[:, 0])
+    assert torch.equal(losses.summary_token(hidden, mask, "decoder"), torch.stack([hidden[0, 2], hidden[1, 3]]))

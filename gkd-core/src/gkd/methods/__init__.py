@@ -23,6 +23,7 @@ is documented where it is defined):
 * loss primitives — the module :mod:`gkd.methods.losses` (mask rule and task-loss convention in
   its docstring): :func:`mse`, :func:`cosine_distance`, :func:`kl_divergence`,
   :func:`soft_cross_entropy`, :func:`kl_between_distributions`, :func:`soft_loss`,
+  :func:`soft_loss_per_example`, :func:`summary_token`,
   :func:`logits_mask`, :func:`attention_valid_mask`, :func:`task_loss`,
   :func:`task_loss_per_example`;
 * layer maps — :func:`uniform_map`, :func:`stride_map`, :func:`random_map`, :func:`hidden_tap`;
@@ -48,7 +49,8 @@ _CHECKS = ("FeatureIssue", "check_features", "logits_issues", "validate_feature_
 _OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "write_positions", "write_span")
 _LOSSES = ("SoftLoss", "attention_kl", "attention_valid_mask", "cosine_distance", "kl_between_distributions",
            "kl_divergence", "logits_mask", "masked_log_softmax", "mean_pool", "mse", "relation_log_softmax",
-           "soft_cross_entropy", "soft_loss", "task_loss", "task_loss_per_example")
+           "soft_cross_entropy", "soft_loss", "soft_loss_per_example", "summary_token", "task_loss",
+           "task_loss_per_example")
 _LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
 _COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
          "gather_over_dp", "shard_along_dim")
@@ -141,7 +143,9 @@ __all__ = [
     "shard_along_dim",
     "soft_cross_entropy",
     "soft_loss",
+    "soft_loss_per_example",
     "stride_map",
+    "summary_token",
     "swap_layers",
     "task_loss",
     "task_loss_per_example",
@@ -189,6 +193,8 @@ if TYPE_CHECKING:
         relation_log_softmax,
         soft_cross_entropy,
         soft_loss,
+        soft_loss_per_example,
+        summary_token,
         task_loss,
         task_loss_per_example,
     )

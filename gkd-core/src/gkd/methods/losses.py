@@ -258,6 +258,55 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) 
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def _soft_per_position(kind: SoftLoss, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """The soft loss of :func:`soft_loss` at every position: ``[b]`` or ``[b, s]``, fp32."""
+    if kind == "mse":
+        return ((student_logits.float() - teacher_logits.float()) ** 2).mean(-1)
+    s_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "kl":
+        return (t_log.exp() * (t_log - s_log)).sum(-1) * temperature**2
+    if kind == "ce":
+        return -(t_log.exp() * s_log).sum(-1)
+    raise ValueError(f"unknown soft loss {kind!r}; use 'kl', 'ce' or 'mse'")
+
+
+def soft_loss_per_example(kind: SoftLoss, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`soft_loss` kept per example, ``[b]``, for methods that weight examples (MT-BERT's
+    teacher-loss weighting, Uncertainty's routing).
+
+    Class logits ``[b, C]``: one value per example, so the mean over the batch is
+    :func:`soft_loss`. Token logits ``[b, s, V]``: the mean over that example's positions
+    selected by ``mask`` (``[b, s]``, see :func:`logits_mask`; 0 for an example without any),
+    as :func:`task_loss_per_example` does for the hard loss — its batch mean differs from
+    :func:`soft_loss` (one mean over all tokens) when examples have different lengths.
+    ``mse`` averages over the class or vocabulary dimension.
+    """
+    per_pos = _soft_per_position(kind, student_logits, teacher_logits, temperature)
+    if per_pos.dim() == 1:
+        return per_pos
+    if mask is None:
+        return per_pos.mean(-1)
+    m = mask.to(per_pos.dtype)
+    return (per_pos * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def summary_token(hidden: torch.Tensor, attention_mask: torch.Tensor, family: str) -> torch.Tensor:
+    """One summary vector per sequence, ``[b, h]``, from hidden states ``[b, s, h]``.
+
+    Encoders: token 0 ([CLS]). Decoders: the last real token of each sequence (padding on
+    either side), the only position that has seen the whole sequence under the causal mask;
+    the reference always took token 0, a GLM assumption.
+    """
+    if family != "decoder":
+        return hidden[:, 0]
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.bool() * positions).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 __all__ = [
     "SoftLoss",
     "attention_kl",
@@ -272,6 +321,8 @@ __all__ = [
     "relation_log_softmax",
     "soft_cross_entropy",
     "soft_loss",
+    "soft_loss_per_example",
+    "summary_token",
     "task_loss",
     "task_loss_per_example",
 ]
