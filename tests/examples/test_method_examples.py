@@ -1,8 +1,9 @@
 """Every shipped example config runs under ``gkd distill``, shortened for CI.
 
-Each file in ``examples/methods/`` (and the combination configs in ``examples/combinations/``)
-is run as written except: a temporary ``run_dir``, 48 training / 32 test documents of 32 tokens,
-2 steps per stage and small batches. The point is that the config validates, every stage runs
+Each file in ``examples/methods/`` (and the combination configs in ``examples/combinations/``,
+and the multi-teacher and teacher-assistant configs in ``examples/multiteacher/``) is run as
+written except: a temporary ``run_dir``, 48 training / 32 test documents of 32 tokens, 2 steps
+per stage and small batches. The point is that the config validates, every stage runs
 through ``gkd distill``'s code path with the real MiniLM teacher and real text, and every loss
 term the methods log is finite.
 """
@@ -22,7 +23,8 @@ from gkd.config import load_run_config
 from gkd.plugins import load_plugin_manager
 
 ROOT = Path(__file__).parents[2] / "examples"
-CONFIGS = sorted((ROOT / "methods").glob("*.yaml")) + sorted((ROOT / "combinations").glob("*.yaml"))
+CONFIGS = (sorted((ROOT / "methods").glob("*.yaml")) + sorted((ROOT / "combinations").glob("*.yaml"))
+           + sorted((ROOT / "multiteacher").glob("*.yaml")))
 STEPS = 2
 
 

@@ -206,3 +206,97 @@ def test_two_methods_claiming_the_hard_loss_are_refused_naming_both(tmp_path, re
     cfg["stages"][0]["methods"].append({"name": "kd", "teachers": ["big2"]})
     assert messages(tmp_path, cfg, registry) == [
         "stages[0].methods[2].name: method 'kd' is selected twice in this stage; combine its settings in one entry"]
+
+
+# ---------------------------------------------------------------- one vocabulary, offloaded teachers (issue 10)
+
+
+def write_tokenizer(path: Path, tokens: list[str], fmt: str) -> None:
+    """A tokenizer file with ``tokens`` at ids 0.. (tokenizer.json: WordPiece vocabulary, the
+    first token also listed as an added token, as Hugging Face writes [PAD])."""
+    if fmt == "tokenizer.json":
+        data = {"version": "1.0", "added_tokens": [{"id": 0, "content": tokens[0], "special": True}],
+                "model": {"type": "WordPiece", "unk_token": tokens[0], "vocab": {t: i for i, t in enumerate(tokens)}}}
+        (path / "tokenizer.json").write_text(json.dumps(data))
+    else:
+        (path / "vocab.txt").write_text("".join(t + "\n" for t in tokens))
+
+
+def test_teachers_and_students_with_another_vocabulary_are_refused_naming_both(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    for name, size in (("teacher", 5), ("teacher2", 6)):
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            json.loads((tmp_path / name / "config.json").read_text()) | {"vocab_size": size}))
+    write_tokenizer(tmp_path / "teacher", ["[PAD]", "a", "b", "c", "d"], "tokenizer.json")
+    write_tokenizer(tmp_path / "teacher2", ["[PAD]", "a", "x", "c", "d", "e"], "vocab.txt")
+    write_checkpoint(tmp_path / "other-student", vocab_size=7)  # no tokenizer files: judged by its size
+    cfg["stages"][0]["methods"] = []  # config.json files without "architectures": no task head for kd
+    cfg["stages"].append({"name": "again", "steps": 1, "teachers": ["big"],
+                          "student_init": {"strategy": "pretrained", "path": "other-student"}})
+    assert messages(tmp_path, cfg, registry) == [
+        "stages[1].student_init.path: the student's checkpoint (stages[1].student_init.path) has vocab_size 7 "
+        "(config.json), the run's tokenizer (teacher 'big') 5; gkd feeds every model of a step the same token ids, "
+        "so all need the run's tokenizer",
+        "teachers[1].path: teacher 'big2' has vocab_size 6 (config.json), the run's tokenizer (teacher 'big') 5; "
+        "gkd feeds every model of a step the same token ids, so all need the run's tokenizer",
+        "teachers[1].path: teacher 'big2''s tokenizer (vocab.txt, 6 tokens, sha256 "
+        f"{_table_sha(['[PAD]', 'a', 'x', 'c', 'd', 'e'])[:12]}) differs from the run's (teacher 'big': "
+        f"tokenizer.json, 5 tokens, sha256 {_table_sha(['[PAD]', 'a', 'b', 'c', 'd'])[:12]}) at 2 ids, e.g. id 2 is "
+        "'x' there and 'b' in the run's; gkd feeds every model of a step the same token ids, so all need the run's "
+        "tokenizer",
+    ]
+    from click.testing import CliRunner
+
+    from gkd.cli import cli
+
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 2 and "3 error(s)" in result.output and "Traceback" not in result.output
+    # One vocabulary in two formats, and a checkpoint without tokenizer files of the right size: accepted.
+    write_tokenizer(tmp_path / "teacher2", ["[PAD]", "a", "b", "c", "d"], "vocab.txt")
+    for name in ("teacher2", "other-student"):
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            json.loads((tmp_path / name / "config.json").read_text()) | {"vocab_size": 5}))
+    assert [t.name for t in load(tmp_path, cfg, registry).teachers] == ["big", "big2"]
+
+
+def _table_sha(tokens: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(enumerate(tokens)), ensure_ascii=False).encode()).hexdigest()
+
+
+def test_offload_is_typed_and_published_teachers_take_the_strongest(tmp_path, registry):
+    cfg = base_config(tmp_path)
+    cfg["teachers"][1]["offload"] = "disk"
+    cfg["stages"][0]["publish_as_teacher"] = "ta"
+    run = load(tmp_path, cfg, registry)
+    assert [t.offload for t in run.teachers] == ["none", "disk"]
+    from gkd.config.run import strongest_offload
+
+    assert strongest_offload(t.offload for t in run.teachers) == "disk"
+    assert strongest_offload(["none", "cpu"]) == "cpu" and strongest_offload([]) == "none"
+    cfg["teachers"][0]["offload"] = "gpu"
+    assert messages(tmp_path, cfg, registry) == [
+        "teachers[0].offload: 'gpu' is not one of ['none', 'cpu', 'disk']"]
+
+
+def test_theseus_cannot_run_an_offloaded_teacher(tmp_path, registry):
+    """Theseus takes the teacher's layers in setup and runs them inside the student's forward: an
+    offloaded teacher has no weights there, so validation refuses the pair, naming both."""
+    cfg = base_config(tmp_path)
+    cfg["teachers"][0]["offload"] = "cpu"
+    cfg["stages"][0]["methods"] = [{"name": "theseus"}]
+    assert messages(tmp_path, cfg, registry) == [
+        "teachers[0].offload: teacher 'big' cannot be offloaded ('cpu') for method 'theseus' (stages[0].methods[0]): "
+        "it takes the models in Method.setup and may run the teacher's modules outside the teacher's own forward "
+        "pass, where an offloaded teacher holds no weights; set offload: none, or use another method"]
+    cfg["teachers"][0]["offload"] = "none"
+    cfg["teachers"][1]["offload"] = "disk"  # not Theseus's teacher
+    cfg["stages"][0]["publish_as_teacher"] = "ta"
+    cfg["stages"].append({"name": "ta", "steps": 1, "teachers": ["ta"], "methods": [{"name": "theseus"}],
+                          "student_init": {"strategy": "truncate", "teacher": "big", "num_layers": 1}})
+    (found,) = messages(tmp_path, cfg, registry)
+    assert found.startswith("stages[1].methods[0].name: method 'theseus' (stages[1].methods[0]) takes the models")
+    assert "teacher 'ta' (published by an earlier stage) is offloaded ('disk'" in found
+    cfg["stages"][1]["methods"] = [{"name": "kd"}]
+    assert load(tmp_path, cfg, registry).teachers[1].offload == "disk"

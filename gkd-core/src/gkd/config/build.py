@@ -54,10 +54,12 @@ def _stage(view: resolve.StageView, top: dict[str, Any], user_stage: dict[str, A
     s = view.raw
     teachers = tuple(view.teachers)
     methods = []
+    listed = isinstance(s.get("teachers"), list)
     for m in s["methods"]:
-        schema = registry.get(m["name"]).spec.config_schema if registry is not None else {}
-        methods.append(MethodEntry(m["name"], float(m["weight"]), tuple(resolve.method_teachers(m, teachers)),
-                                   apply_defaults(schema, m["config"])))
+        spec = registry.get(m["name"]).spec if registry is not None else None
+        read = resolve.method_teachers(m, teachers, spec.kind if spec else None, stage_lists=listed)
+        methods.append(MethodEntry(m["name"], float(m["weight"]), tuple(read),
+                                   apply_defaults(spec.config_schema if spec else {}, m["config"])))
     data = s.get("data", {})
     optimizer = resolve.merged_section(top, user_stage, "optimizer")
     train_data = _dataset(data.get("train"), base) or _dataset(top["data"]["train"], base)
@@ -88,7 +90,8 @@ def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: Meth
         run_dir=Path(raw["run_dir"]).expanduser(),
         seed=raw["seed"],
         task=TaskConfig(**raw["task"]),
-        teachers=tuple(TeacherConfig(t["name"], resolve_path(t["path"], base), t["dtype"]) for t in raw["teachers"]),
+        teachers=tuple(TeacherConfig(t["name"], resolve_path(t["path"], base), t["dtype"], t["offload"])
+                       for t in raw["teachers"]),
         student=StudentConfig(_init(raw["student"]["init"], base),
                               ArchitectureOverrides(**raw["student"].get("architecture", {}))),
         stages=stages,

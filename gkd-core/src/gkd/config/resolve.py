@@ -61,11 +61,20 @@ def stages(raw: Mapping[str, Any]) -> Iterator[StageView]:
             published.add(pub)
 
 
-def method_teachers(entry: Mapping[str, Any], stage_teachers: Sequence[str]) -> list[str]:
-    """A method's teachers: its own ``teachers`` list, or the stage's."""
+def method_teachers(entry: Mapping[str, Any], stage_teachers: Sequence[str], kind: str | None = None,
+                    *, stage_lists: bool = True) -> list[str]:
+    """A method's teachers: its own ``teachers`` list, or the stage's.
+
+    A ``teacher-assistant`` method (``kind``, e.g. TAKD) in a stage that lists no teachers
+    (``stage_lists`` false: ``stage_teachers`` is every available teacher) reads the last of
+    them, the previous link of the chain: the teacher published last before the stage, or the
+    last configured one.
+    """
     given = entry.get("teachers")
     if isinstance(given, list):
         return [t for t in given if isinstance(t, str)]
+    if kind == "teacher-assistant" and not stage_lists and stage_teachers:
+        return [stage_teachers[-1]]
     return list(stage_teachers)
 
 

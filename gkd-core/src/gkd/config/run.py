@@ -8,6 +8,7 @@ a config that has already passed every check. Every field is read by the engine.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from gkd.config.resolve import HEAD_FOR_TASK
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Offload = Literal["none", "cpu", "disk"]
 TaskType = Literal["sequence_classification", "masked_lm", "causal_lm"]
 LayerChoice = Literal["bottom", "strided"]
 
@@ -57,6 +59,19 @@ class TeacherConfig:
     path: Path
     dtype: Precision = "fp32"
     """Precision the frozen teacher is loaded and run in."""
+    offload: Offload = "none"
+    """Where its parameters stay between its forward passes (:mod:`gkd.parallel.offload`)."""
+
+
+OFFLOAD_ORDER: tuple[Offload, ...] = ("none", "cpu", "disk")
+"""``teachers[].offload`` values, from keeping the teacher on the device to keeping it on disk."""
+
+
+def strongest_offload(modes: Iterable[str]) -> Offload:
+    """The offload of a teacher published by a stage (``publish_as_teacher``): the strongest one
+    among ``teachers[]`` (``none`` without teachers), so an assistant never needs more device
+    memory than the configured teachers were allowed."""
+    return max((m for m in modes if m in OFFLOAD_ORDER), key=OFFLOAD_ORDER.index, default="none")  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

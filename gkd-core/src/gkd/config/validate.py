@@ -13,9 +13,10 @@ Decisions shared with the typed build (default teachers, merged sections) come f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,94 @@ def _own_head(cfg: dict[str, Any]) -> str | None:
         return ModelConfig.from_hf_config(cfg).head
     except (ValueError, TypeError, KeyError):
         return None
+
+
+@dataclass(frozen=True)
+class _Vocabulary:
+    """What a checkpoint directory says about its vocabulary."""
+
+    size: int | None
+    """``vocab_size`` of ``config.json``."""
+    tokens: dict[int, str] | None
+    """id → token, from ``tokenizer.json`` (model vocabulary plus added tokens), else ``vocab.txt``,
+    else ``vocab.json`` (plus ``added_tokens.json``)."""
+    source: str | None
+    """The file ``tokens`` (or, for a sentencepiece-only tokenizer, ``digest``) comes from."""
+    digest: str | None
+    """sha256 of the id → token table (of ``tokenizer.model`` when that is the only file)."""
+
+
+def _read_tokens(file: Path) -> dict[int, str] | None:
+    """The id → token table of one tokenizer file (None: a layout gkd does not read)."""
+    text = file.read_text(encoding="utf-8")
+    if file.name == "vocab.txt":
+        lines = text.split("\n")
+        return dict(enumerate(lines[:-1] if lines and lines[-1] == "" else lines))
+    data = json.loads(text)
+    if file.name == "vocab.json":
+        tokens = {int(i): str(tok) for tok, i in data.items()}
+        added = file.parent / "added_tokens.json"
+        if added.is_file():
+            tokens |= {int(i): str(tok) for tok, i in json.loads(added.read_text(encoding="utf-8")).items()}
+        return tokens
+    vocab = data.get("model", {}).get("vocab") if isinstance(data.get("model"), dict) else None
+    if isinstance(vocab, dict):
+        tokens = {int(i): str(tok) for tok, i in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        tokens = {i: str(entry[0]) for i, entry in enumerate(vocab)}
+    else:
+        return None
+    for added in data.get("added_tokens") or []:
+        tokens[int(added["id"])] = str(added["content"])
+    return tokens
+
+
+def _vocabulary(path: Path) -> _Vocabulary:
+    try:
+        size = json.loads((path / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        size = None
+    size = size if isinstance(size, int) and not isinstance(size, bool) else None
+    for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
+        if (path / name).is_file():
+            try:
+                tokens = _read_tokens(path / name)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+                tokens = None
+            if tokens is not None:
+                table = json.dumps(sorted(tokens.items()), ensure_ascii=False).encode()
+                return _Vocabulary(size, tokens, name, hashlib.sha256(table).hexdigest())
+    model = path / "tokenizer.model"
+    if model.is_file():
+        return _Vocabulary(size, None, model.name, hashlib.sha256(model.read_bytes()).hexdigest())
+    return _Vocabulary(size, None, None, None)
+
+
+def _vocabulary_problems(who: str, mine: _Vocabulary, ref_label: str, ref: _Vocabulary) -> list[str]:
+    """One line per way ``mine`` differs from the run's vocabulary ``ref``."""
+    why = "gkd feeds every model of a step the same token ids, so all need the run's tokenizer"
+    problems = []
+    if mine.size is not None and ref.size is not None and mine.size != ref.size:
+        problems.append(f"{who} has vocab_size {mine.size} (config.json), the run's tokenizer ({ref_label}) "
+                        f"{ref.size}; {why}")
+    if mine.tokens is not None and ref.tokens is not None and mine.digest != ref.digest:
+        ids = sorted(i for i in mine.tokens.keys() | ref.tokens.keys() if mine.tokens.get(i) != ref.tokens.get(i))
+
+        def show(token: str | None) -> str:
+            return repr(token) if token is not None else "no token"
+
+        assert mine.digest is not None and ref.digest is not None
+        problems.append(
+            f"{who}'s tokenizer ({mine.source}, {len(mine.tokens)} tokens, sha256 {mine.digest[:12]}) differs from "
+            f"the run's ({ref_label}: {ref.source}, {len(ref.tokens)} tokens, sha256 {ref.digest[:12]}) at "
+            f"{len(ids)} ids, e.g. id {ids[0]} is {show(mine.tokens.get(ids[0]))} there and "
+            f"{show(ref.tokens.get(ids[0]))} in the run's; {why}")
+    elif mine.tokens is None and ref.tokens is None and mine.source == ref.source == "tokenizer.model" \
+            and mine.digest != ref.digest:
+        assert mine.digest is not None and ref.digest is not None
+        problems.append(f"{who}'s tokenizer.model (sha256 {mine.digest[:12]}) differs from the run's ({ref_label}, "
+                        f"sha256 {ref.digest[:12]}); {why}")
+    return problems
 
 
 class _Checker:
@@ -155,6 +244,8 @@ class _Checker:
         student_shapes = self.check_stages(shape, arch)
         self.check_parallel(raw.get("parallel"), student_shapes)
         self.check_task(raw.get("task"))
+        self.check_vocabularies()
+        self.check_offload()
 
     def check_teachers(self, teachers: list[Any]) -> None:
         seen: set[str] = set()
@@ -258,15 +349,16 @@ class _Checker:
                         self.shapes[tuned] = replace(self.shapes[tuned], head=self._task_head())
                     if methods:
                         self.add(f"{where}.methods", "a stage that fine-tunes a teacher is plain training: remove its methods")
-            self.check_methods(methods, where, stage.get("kind", "task"), view.teachers, student)
+            self.check_methods(methods, where, stage.get("kind", "task"), view.teachers, student,
+                               stage_lists=isinstance(stage.get("teachers"), list))
             if isinstance(stage.get("data"), dict):
                 self.check_data(stage["data"], f"{where}.data")
             pub = stage.get("publish_as_teacher")
             if isinstance(pub, str):
                 if pub in view.available:
                     self.add(f"{where}.publish_as_teacher", f"a teacher named '{pub}' already exists")
-                elif student is not None:
-                    self.shapes[pub] = student
+                elif student is not None:  # the student of this stage, with the task's head it was trained with
+                    self.shapes[pub] = replace(student, head=self._task_head())
         return seen_shapes
 
     def _task_head(self) -> str | None:
@@ -274,7 +366,7 @@ class _Checker:
         return resolve.HEAD_FOR_TASK.get(str(task.get("type"))) if isinstance(task, dict) else None
 
     def check_methods(self, methods: list[Any], where: str, stage_kind: Any, stage_teachers: list[str],
-                      student: ModelShape | None) -> None:
+                      student: ModelShape | None, *, stage_lists: bool = True) -> None:
         claims: dict[str, tuple[str, str, int]] = {}
         """resource -> (method, field, index) of the first method of the stage that claims it."""
         for k, entry in enumerate(methods):
@@ -299,13 +391,18 @@ class _Checker:
             for t_i, t in enumerate(entry.get("teachers", []) if isinstance(entry.get("teachers"), list) else []):
                 if isinstance(t, str) and t not in stage_teachers:
                     self.add(f"{mwhere}.teachers[{t_i}]", f"teacher '{t}' is not used by this stage (stage teachers: {', '.join(stage_teachers) or 'none'})")
-            teachers = resolve.method_teachers(entry, stage_teachers)
+            teachers = resolve.method_teachers(entry, stage_teachers, spec.kind, stage_lists=stage_lists)
             n = len(teachers)
             if spec.kind == "multi-teacher" and n < 2:
                 self.add(f"{mwhere}.name", f"multi-teacher method '{spec.name}' needs at least 2 teachers, this stage gives it {n}")
             elif spec.kind == "single-teacher" and n > 1:
                 self.add(f"{mwhere}.teachers", f"single-teacher method '{spec.name}' reads one teacher, this stage gives it {n}"
                          f" ({', '.join(teachers)}); list the one to use in methods[{k}].teachers")
+            elif spec.kind == "teacher-assistant" and n > 1:
+                self.add(f"{mwhere}.teachers", f"teacher-assistant method '{spec.name}' distils from one teacher, "
+                         f"the previous link of the chain; this stage gives it {n} ({', '.join(teachers)}): list "
+                         f"that one in methods[{k}].teachers, or leave the stage's teachers out (it then reads "
+                         "the teacher published last)")
             elif n == 0:
                 self.add(f"{mwhere}.name", f"method '{spec.name}' needs a teacher, this stage has none")
             elif config_ok and student is not None and all(t in self.shapes for t in teachers):
@@ -375,6 +472,103 @@ class _Checker:
             if shape is not None and shape.family != wants:
                 self.add("task.type", f"'{task['type']}' needs {'a decoder' if wants == 'decoder' else 'an encoder'}; "
                                       f"teacher '{name}' is {'a decoder' if wants == 'encoder' else 'an encoder'}")
+
+    # ------------------------------------------------------------------ one vocabulary
+
+    def _checkpoint_dir(self, value: Any, sub: str | None = None) -> Path | None:
+        """An existing checkpoint directory, or None (a missing one is reported elsewhere)."""
+        if not isinstance(value, str):
+            return None
+        try:
+            p = resolve_path(value, self.base_dir)
+        except PathResolutionError:
+            return None
+        p = p / sub if sub else p
+        return p if (p / "config.json").is_file() else None
+
+    def check_vocabularies(self) -> None:
+        """gkd feeds every model of a step the same token ids (from the run's tokenizer), so every
+        teacher and every checkpoint a student starts from must have the run's vocabulary: the
+        same ``vocab_size`` in ``config.json`` and, when both have tokenizer files, the same token
+        for every id. A checkpoint without tokenizer files is judged by its ``vocab_size`` alone."""
+        teachers = {t["name"]: (i, self._checkpoint_dir(t.get("path")))
+                    for i, t in enumerate(self.raw.get("teachers") if isinstance(self.raw.get("teachers"), list) else [])
+                    if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        student = self.raw.get("student") if isinstance(self.raw.get("student"), dict) else {}
+        top_init = student.get("init") if isinstance(student.get("init"), dict) else {}
+        models = [(f"teachers[{i}].path", f"teacher '{name}'", p) for name, (i, p) in teachers.items() if p is not None]
+        inits = [("student.init", top_init)] + [(f"stages[{v.index}].student_init", v.raw.get("student_init"))
+                                                for v in resolve.stages(self.raw)]
+        for where, init in inits:
+            if isinstance(init, dict) and init.get("teacher") is None and "path" in init:
+                p = self._checkpoint_dir(init["path"], "export" if init.get("strategy") == "run" else None)
+                if p is not None:
+                    models.append((f"{where}.path", f"the student's checkpoint ({where}.path)", p))
+        # The run's tokenizer, as the engine picks it (RunAssets.tokenizer_dir).
+        first = next(iter(teachers), None)
+        named = top_init.get("teacher") if top_init.get("teacher") in teachers else None
+        if named is None and top_init.get("teacher") is None and first is not None:
+            named = first
+        if named is not None:
+            ref_label, ref_path = f"teacher '{named}'", teachers[named][1]
+        else:
+            ref_label, ref_path = "the student's checkpoint (student.init.path)", next(
+                (p for w, _, p in models if w == "student.init.path"), None)
+        if ref_path is None:
+            return
+        ref = _vocabulary(ref_path)
+        for where, who, path in models:
+            if path != ref_path:
+                for problem in _vocabulary_problems(who, _vocabulary(path), ref_label, ref):
+                    self.add(where, problem)
+
+    # ------------------------------------------------------------------ offloaded teachers
+
+    def check_offload(self) -> None:
+        """An offloaded teacher (``teachers[].offload``) has its weights only during its own forward
+        pass. A method that takes the models in ``Method.setup`` may run a teacher's modules
+        elsewhere (Theseus runs teacher layers inside the student's forward), so its teachers must
+        stay on the device."""
+        raw_teachers = self.raw.get("teachers") if isinstance(self.raw.get("teachers"), list) else []
+        modes = {t["name"]: (i, t.get("offload", "none")) for i, t in enumerate(raw_teachers)
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        if self.registry is None or all(mode == "none" for _, mode in modes.values()):
+            return
+        from gkd.config.run import strongest_offload
+        from gkd.methods.api import Method
+
+        published = strongest_offload(str(mode) for _, mode in modes.values())
+        seen: set[tuple[str, str]] = set()
+        for view in resolve.stages(self.raw):
+            methods = view.raw.get("methods") if isinstance(view.raw.get("methods"), list) else []
+            for k, entry in enumerate(methods):
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                    continue
+                try:
+                    spec = self.registry.get(entry["name"]).spec
+                except GkdError:
+                    continue  # reported by check_methods
+                if spec.factory is None or getattr(spec.factory, "setup", Method.setup) is Method.setup:
+                    continue
+                which = f"method '{spec.name}' (stages[{view.index}].methods[{k}])"
+                why = ("takes the models in Method.setup and may run the teacher's modules outside the teacher's own "
+                       "forward pass, where an offloaded teacher holds no weights")
+                listed = isinstance(view.raw.get("teachers"), list)
+                for t in resolve.method_teachers(entry, view.teachers, spec.kind, stage_lists=listed):
+                    if t in modes and modes[t][1] != "none":
+                        i, mode = modes[t]
+                        issue = (f"teachers[{i}].offload", f"teacher '{t}' cannot be offloaded ('{mode}') for {which}: "
+                                                           f"it {why}; set offload: none, or use another method")
+                    elif t in view.published_before and t not in modes and published != "none":
+                        issue = (f"stages[{view.index}].methods[{k}].name",
+                                 f"{which} {why}, and teacher '{t}' (published by an earlier stage) is offloaded "
+                                 f"('{published}', the strongest offload of teachers[]); use another method, or "
+                                 "set every teachers[].offload to none")
+                    else:
+                        continue
+                    if issue not in seen:
+                        seen.add(issue)
+                        self.add(*issue)
 
 
 def check_config(raw: dict[str, Any], base_dir: Path, registry: MethodRegistry | None) -> list[ConfigIssue]:

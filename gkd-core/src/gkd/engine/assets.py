@@ -3,23 +3,31 @@ teachers and the student, each on the run's device (:class:`gkd.parallel.placeme
 
 This is the one place that turns checkpoint directories into models: teachers are frozen,
 in eval mode, in their configured dtype and loaded once per checkpoint directory; every
-student starts through :meth:`RunAssets.build_student`.
+student starts through :meth:`RunAssets.build_student`. A teacher with ``offload: cpu|disk``
+keeps its parameters off the device between its forward passes
+(:mod:`gkd.parallel.offload`); the model handed to the step is still an ordinary model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gkd.config.run import DatasetConfig, RunConfig, StudentInit
+from safetensors import safe_open
+from torch import nn
+
+from gkd.config.run import DatasetConfig, RunConfig, StudentInit, strongest_offload
 from gkd.engine.build import model_shape
 from gkd.engine.data import TaskDataset, build_dataset
 from gkd.engine.labels import LabelVocab
 from gkd.errors import GkdError
 from gkd.methods.api import ModelShape
-from gkd.models import GkdModel, ModelConfig, Tokenizer, from_pretrained, load_model_config
+from gkd.models import GkdModel, ModelConfig, Tokenizer, build_model, from_pretrained, load_model_config
+from gkd.models.checkpoint import SafetensorsDir, load_hf_weights
 from gkd.models.init import pretrained_student, random_student, truncated_student
+from gkd.parallel.offload import TeacherResidency, offload
 from gkd.parallel.placement import Placement
 
 
@@ -30,6 +38,44 @@ class TeacherSlot:
     path: Path
     dtype: str = "fp32"
     model: GkdModel | None = None
+    offload: str = "none"
+    """``teachers[].offload``: ``none``, ``cpu`` or ``disk``."""
+    residency: TeacherResidency | None = None
+    """Set when the loaded model is offloaded (it moves the parameters around each forward pass)."""
+
+
+def _weight_files(path: Path) -> dict[str, tuple[int, int]]:
+    """``{file name: (size, mtime_ns)}`` of the safetensors weights (and index) in ``path``."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
+            if p.is_file() and p.name.startswith("model") and ".safetensors" in p.name}
+
+
+class _TensorByTensor(SafetensorsDir):
+    """A :class:`SafetensorsDir` that maps its file for one tensor at a time (it overrides the
+    handle cache of its base class): no mapping outlives the read of a tensor, so the file's pages
+    do not add up in the process's memory while a teacher is read (only the parameters do)."""
+
+    def _handle(self, name: str) -> Any:
+        return safe_open(str(self._files[name]), framework="pt")
+
+
+def checkpoint_reader(path: Path, label: str = "teacher") -> Callable[[nn.Module], None]:
+    """What ``offload: disk`` calls before each forward pass: this TP rank's part of every
+    parameter (:func:`gkd.models.load_hf_weights`), read again from the memory-mapped safetensors
+    in ``path``, one tensor at a time.
+
+    The weight files must not change during the run (a resume checks the teacher's sha256; this
+    checks size and modification time at each read).
+    """
+    stamp = _weight_files(path)
+
+    def reload(model: nn.Module) -> None:
+        if _weight_files(path) != stamp:
+            raise GkdError(f"{label}: its checkpoint {path} changed on disk during the run; an offloaded "
+                           "('disk') teacher re-reads it at every forward pass, so it must stay as it was")
+        load_hf_weights(model, _TensorByTensor(path), strict=True)  # type: ignore[arg-type]
+
+    return reload
 
 
 class RunAssets:
@@ -43,7 +89,9 @@ class RunAssets:
     def __init__(self, run: RunConfig, placement: Placement) -> None:
         self.run = run
         self.placement = placement
-        self.teachers = {t.name: TeacherSlot(t.path, t.dtype) for t in run.teachers}
+        self.teachers = {t.name: TeacherSlot(t.path, t.dtype, offload=t.offload) for t in run.teachers}
+        self.published_offload = strongest_offload(t.offload for t in run.teachers)
+        """The offload of a teacher published by a stage (``publish_as_teacher``): the strongest of ``teachers[]``."""
         self.labels: LabelVocab | None = None
         self._tokenizer: Tokenizer | None = None
         self._datasets: dict[DatasetConfig, TaskDataset] = {}
@@ -102,19 +150,41 @@ class RunAssets:
         return {name: slot.path for name, slot in self.teachers.items()}
 
     def set_teacher_path(self, name: str, path: Path, dtype: str | None = None) -> None:
-        """Point ``name`` at another checkpoint (fine-tuned, published); a loaded model is dropped."""
+        """Point ``name`` at another checkpoint (fine-tuned, published); a loaded model is dropped.
+        A fine-tuned teacher keeps its dtype and offload; a published one is offloaded like
+        :attr:`published_offload`."""
         slot = self.teachers.get(name)
         if slot is None or slot.path != path:
-            self.teachers[name] = TeacherSlot(path, dtype or (slot.dtype if slot else "fp32"))
+            self.teachers[name] = TeacherSlot(path, dtype or (slot.dtype if slot else "fp32"),
+                                              offload=slot.offload if slot else self.published_offload)
 
     def teacher(self, name: str) -> GkdModel:
-        """The frozen teacher ``name`` in eval mode, on the run's device and in its dtype."""
+        """The frozen teacher ``name`` in eval mode, on the run's device and in its dtype.
+
+        With ``offload: cpu|disk`` its parameters are brought onto the device by its own forward
+        pass only (:mod:`gkd.parallel.offload`). A ``disk`` teacher is built without weights and
+        read once here (one tensor at a time), which checks the checkpoint as a resident teacher's
+        load does; then it holds no parameter storage until it runs.
+        """
         slot = self.teachers[name]
         if slot.model is None:
             dtype = self.placement.dtype(slot.dtype, f"teachers[{name}].dtype")
-            model = from_pretrained(slot.path, self.teacher_config(slot.path), strict=True, device="cpu")
-            model.requires_grad_(False)
-            slot.model = self.placement.model(model.eval(), dtype)
+            cfg = self.teacher_config(slot.path)
+            label = f"teacher '{name}' (offload: {slot.offload})"
+            if slot.offload == "disk":
+                model = build_model(cfg, init_weights=False, device="cpu")  # as from_pretrained builds it
+                slot.residency = offload(model.requires_grad_(False).eval(), "disk", self.placement.device,
+                                         dtype=dtype, reload=checkpoint_reader(slot.path, label), label=label)
+                assert slot.residency is not None
+                with slot.residency.hold():  # read once now: a checkpoint that does not fit fails here
+                    pass
+            else:
+                model = from_pretrained(slot.path, cfg, strict=True, device="cpu").requires_grad_(False).eval()
+                if slot.offload == "none":
+                    model = self.placement.model(model, dtype)
+                else:
+                    slot.residency = offload(model, slot.offload, self.placement.device, dtype=dtype, label=label)
+            slot.model = model
         return slot.model
 
     def teacher_shape(self, name: str) -> ModelShape:
@@ -146,4 +216,4 @@ class RunAssets:
         return self.placement.model(model)
 
 
-__all__ = ["RunAssets", "TeacherSlot"]
+__all__ = ["RunAssets", "TeacherSlot", "checkpoint_reader"]

@@ -2,8 +2,9 @@
 
 A run resumes from the newest complete checkpoint in its ``run_dir`` unless
 ``checkpoint.resume`` is false (then old checkpoints are removed). It refuses a checkpoint
-written by a different config (sections in :data:`RESUME_INDEPENDENT` may change) or with
-teachers whose weights changed since.
+written by a different config (sections in :data:`RESUME_INDEPENDENT` may change; so may stages
+the checkpoint had not reached, and a chain may start over after its finished links, see
+:func:`find_resume_point`) or with teachers whose weights changed since.
 """
 
 from __future__ import annotations
@@ -63,8 +64,30 @@ def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
     return [] if saved == current else [path]
 
 
-def find_resume_point(run: RunConfig, echo: Callable[[str], None]) -> ResumePoint | None:
+def first_changed_stage(saved: Any, current: Any) -> int | None:
+    """The first stage whose config differs when nothing but ``stages`` does (sections in
+    :data:`RESUME_INDEPENDENT` aside); None when something outside ``stages`` differs, or nothing."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return None
+    rest_saved = {k: v for k, v in saved.items() if k != "stages"}
+    rest_current = {k: v for k, v in current.items() if k != "stages"}
+    a, b = saved.get("stages"), current.get("stages")
+    if config_differences(rest_saved, rest_current) or not isinstance(a, list) or not isinstance(b, list):
+        return None
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if config_differences(x, y, f"stages[{i}]"):
+            return i
+    return min(len(a), len(b)) if len(a) != len(b) else None
+
+
+def find_resume_point(run: RunConfig, echo: Callable[[str], None],
+                      may_start_over: Callable[[int], bool] | None = None) -> ResumePoint | None:
     """The checkpoint to continue from, or None to start from the beginning.
+
+    A checkpoint of a config that differs only in stages it had not reached yet is resumed.
+    When a stage it had reached changed, the run starts over (the checkpoints are removed) if
+    ``may_start_over(first changed stage)`` says so — the trainer does when finished links of a
+    teacher-assistant chain before that stage can be reused; otherwise it is refused.
 
     Raises:
         GkdError: The newest checkpoint belongs to a different config.
@@ -79,14 +102,26 @@ def find_resume_point(run: RunConfig, echo: Callable[[str], None]) -> ResumePoin
     path = ckpt.find_latest(run.run_dir)
     if path is None:
         return None
-    changed = config_differences(json.loads((path / "config.json").read_text()), run.raw)
-    if changed:
-        raise GkdError(
-            f"{run.run_dir} holds checkpoints of a different config (changed: {', '.join(changed[:5])}"
-            f"{', ...' if len(changed) > 5 else ''}); use another run_dir, or set checkpoint.resume: false "
-            "to start over (fine-tuned teachers are still reused)"
-        )
+    saved = json.loads((path / "config.json").read_text())
     point = ResumePoint(path, ckpt.CheckpointState.from_dict(json.loads((path / "state.json").read_text())))
+    changed = config_differences(saved, run.raw)
+    if changed:
+        listed = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+        first = first_changed_stage(saved, run.raw)
+        if first is not None and point.state.stage_index < first:
+            echo(f"stages from stages[{first}] on changed since the checkpoint ({listed}); it had not reached them: "
+                 "resuming")
+        elif first is not None and may_start_over is not None and may_start_over(first):
+            echo(f"stages[{first}] changed since the checkpoints ({listed}): starting over from the finished "
+                 f"teacher-assistant links before it; removing the old checkpoints in {checkpoints}")
+            shutil.rmtree(checkpoints)
+            return None
+        else:
+            raise GkdError(
+                f"{run.run_dir} holds checkpoints of a different config (changed: {listed}); use another run_dir, "
+                "or set checkpoint.resume: false to start over (fine-tuned teachers and finished teacher-assistant "
+                "links are still reused)"
+            )
     verify_teachers(point.state.teachers, teacher_references(point.teacher_paths))
     return point
 
@@ -110,5 +145,5 @@ def restore_finished_stage(point: ResumePoint, student: nn.Module) -> None:
     restore_megatron_rng(point.state.extra.get("megatron_rng", {}))
 
 
-__all__ = ["RESUME_INDEPENDENT", "ResumePoint", "config_differences", "find_resume_point", "restore_finished_stage",
-           "restore_training"]
+__all__ = ["RESUME_INDEPENDENT", "ResumePoint", "config_differences", "find_resume_point", "first_changed_stage",
+           "restore_finished_stage", "restore_training"]

@@ -5,6 +5,7 @@ paper's processes has its own module:
 building assets        :mod:`gkd.engine.assets` (data, labels, teachers, student)
 one stage's training   :mod:`gkd.engine.loop` (through :mod:`gkd.engine.step`)
 resuming               :mod:`gkd.engine.resume`
+teacher-assistant      :mod:`gkd.engine.chain` (finished links: records, fingerprints, reuse)
 evaluation             :mod:`gkd.engine.evaluate`
 results and export     :mod:`gkd.engine.report`
 =====================  ======================================================
@@ -13,7 +14,9 @@ A run is a sequence of stages sharing one student and one global step counter:
 ``train: teacher:NAME`` stages fine-tune a teacher and save it under
 ``<run_dir>/teachers/NAME`` (reused by a later run with the same inputs); other stages
 train the student, with or without methods; ``student_init`` restarts the student,
-``publish_as_teacher`` turns it into a teacher for later stages.
+``publish_as_teacher`` turns it into a teacher for later stages — a link of a
+teacher-assistant chain, recorded when finished and reused by a later run whose inputs
+(fingerprint) are unchanged.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from torch import nn
 from gkd import parallel
 from gkd.atomic import atomic_write_json
 from gkd.config.run import RunConfig, StageConfig, StudentInit
+from gkd.engine import chain
+from gkd.engine import checkpoint as ckpt
 from gkd.engine.assets import RunAssets
 from gkd.engine.build import build_methods, model_shape
+from gkd.engine.chain import TEACHER_META, FinishedLink
 from gkd.engine.data import epoch_batches
 from gkd.engine.fingerprint import sha256_of_checkpoint
 from gkd.engine.loop import (
@@ -53,7 +59,7 @@ from gkd.parallel.placement import Placement
 from gkd.parallel.rng import seed_everything
 from gkd.plugins.registry import MethodRegistry
 
-TEACHER_META = "gkd-teacher.json"
+_UNSET: Any = object()
 
 
 class Trainer:
@@ -75,29 +81,34 @@ class Trainer:
         self.echo = echo
         self.stop_after = stop_after
         self.progress_bar = progress_bar_wanted(progress, run.logging.progress)
+        self._reusable: Any = _UNSET
 
     def execute(self) -> dict[str, Any]:
-        """Run all stages (resuming from the latest checkpoint when there is one); return the summary."""
+        """Run all stages (resuming from the latest checkpoint when there is one, else reusing the
+        finished links of a teacher-assistant chain); return the summary."""
         run = self.run
         parallel.ensure_initialized(tp=run.parallel.tensor_parallel, seed=run.seed)
         seed_everything(run.seed)
         assets = RunAssets(run, Placement.for_this_process())
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        resume = find_resume_point(run, self.echo)
+        if run.task.type == "sequence_classification":
+            assets.dataset(run.train_data)  # the label vocabulary, which fingerprints depend on
+        resume = find_resume_point(run, self.echo, lambda changed: self._reusable_before(changed, assets))
+        link = self._reusable_link(assets) if resume is None else None
         progress = RunProgress()
         if resume is not None:
             for name, path in resume.teacher_paths.items():
                 assets.set_teacher_path(name, path)
             progress.global_step = resume.state.global_step
             self.echo(f"resuming from {resume.path} (global step {resume.state.global_step})")
+        if link is not None and parallel.is_global_rank_zero():
+            chain.restore_metrics(run, link)  # the reused stages' records, as they were logged
+        kept = resume.state.global_step if resume is not None else link.global_step if link is not None else None
         # One writer: every rank computes the same metrics, global rank 0 records them.
-        metrics = (MetricsLogger(run.run_dir, resume_global_step=resume.state.global_step if resume else None)
-                   if parallel.is_global_rank_zero() else None)
+        metrics = MetricsLogger(run.run_dir, resume_global_step=kept) if parallel.is_global_rank_zero() else None
         io = LoopIO(self.echo, metrics, self.progress_bar, self.stop_after)
-        if run.task.type == "sequence_classification":
-            assets.dataset(run.train_data)
-            if assets.labels is not None and parallel.is_global_rank_zero():
-                assets.labels.save(run.run_dir / "labels.json")
+        if assets.labels is not None and parallel.is_global_rank_zero():
+            assets.labels.save(run.run_dir / "labels.json")
         checkpointer = Checkpointer(run, lambda: assets.teacher_paths,
                                     lambda: assets.labels.labels if assets.labels else None)
         started = time.perf_counter()
@@ -106,14 +117,17 @@ class Trainer:
         for index, stage in enumerate(run.stages):
             if index < first:
                 continue  # done before the checkpoint; its teachers' paths came with it
+            if link is not None and index <= link.index:
+                student = self._reuse(index, stage, link, assets, progress, io) or student
+                continue
             if stage.trains_teacher is not None:
                 self._finetune_teacher(index, stage, assets, progress, io)
             else:
                 here = resume if resume is not None and index == first else None
                 if student is None or stage.student_init is not None:
                     student = assets.build_student(self._student_init(index))
-                self._train_student(index, stage, student, assets, progress, io, checkpointer, here)
-                self._publish(stage, student, assets)
+                restored = self._train_student(index, stage, student, assets, progress, io, checkpointer, here)
+                self._publish(index, stage, student, assets, progress, restored=restored)
             if self.stop_after is not None and progress.global_step >= self.stop_after and index + 1 < len(run.stages):
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
         return finish_run(assets, student, global_step=progress.global_step, seconds=time.perf_counter() - started,
@@ -126,13 +140,14 @@ class Trainer:
 
     def _train_student(self, index: int, stage: StageConfig, student: GkdModel, assets: RunAssets,
                        progress: RunProgress, io: LoopIO, checkpointer: Checkpointer,
-                       resume: ResumePoint | None) -> None:
+                       resume: ResumePoint | None) -> bool:
+        """Train the student through stage ``index``; True when ``resume`` was this stage's end (nothing to train)."""
         train_data = assets.dataset(stage.train_data)
         if resume is not None:
             batches = epoch_batches(len(train_data), stage.training.batch_size, world_size=parallel.dp_world_size())
             if resume.state.stage_iteration >= stage_steps(stage, batches):
                 restore_finished_stage(resume, student)  # the checkpoint is this stage's end
-                return
+                return True
         teachers = {t: assets.teacher_shape(t) for t in stage.used_teachers}
         methods = build_methods(self.run, stage, self.registry, model_shape(student.model_config), teachers)
         models: dict[str, nn.Module] = {STUDENT: student} | {teacher_key(t): assets.teacher(t) for t in teachers}
@@ -141,6 +156,9 @@ class Trainer:
         job = StageJob(index, stage, student, models, train_data,
                        assets.dataset(stage.eval_data) if stage.eval_data else None, methods, checkpointer)
         train_stage(self.run, job, progress, assets.placement, io, resume)
+        return False
+
+    # ------------------------------------------------------------------ teachers made by the run
 
     def _finetune_teacher(self, index: int, stage: StageConfig, assets: RunAssets, progress: RunProgress,
                           io: LoopIO) -> None:
@@ -148,10 +166,10 @@ class Trainer:
         name = stage.trains_teacher
         assert name is not None
         source = assets.teachers[name].path
-        out = self.run.run_dir / "teachers" / name
+        out = chain.teacher_dir(self.run, name)
         fingerprint = self._fingerprint(stage, source, assets)
         meta_path = out / TEACHER_META
-        if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+        if (chain.read_meta(out) or {}).get("fingerprint") == fingerprint:
             self.echo(f"[{stage.name}] reusing the fine-tuned teacher '{name}' in {out}")
         else:
             model = assets.trainable_teacher(name)
@@ -171,12 +189,84 @@ class Trainer:
                  "seed": self.run.seed, "labels": assets.labels.labels if assets.labels else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
-    def _publish(self, stage: StageConfig, student: GkdModel, assets: RunAssets) -> None:
-        """``publish_as_teacher``: export the student and make it a teacher for later stages."""
-        if stage.publish_as_teacher:
-            out = self.run.run_dir / "teachers" / stage.publish_as_teacher
+    def _link_fingerprint(self, index: int, assets: RunAssets) -> str:
+        return chain.link_fingerprint(self.run, index, assets.labels.labels if assets.labels else None,
+                                      parallel.dp_world_size())
+
+    def _publish(self, index: int, stage: StageConfig, student: GkdModel, assets: RunAssets,
+                 progress: RunProgress, *, restored: bool = False) -> None:
+        """``publish_as_teacher``: export the student, make it a teacher for later stages and
+        record the finished link (after the export, from the stage-end checkpoint). A run resumed
+        at the stage's end keeps an export already recorded with the same fingerprint."""
+        name = stage.publish_as_teacher
+        if not name:
+            return
+        out = chain.teacher_dir(self.run, name)
+        fingerprint = self._link_fingerprint(index, assets)
+        if not restored or chain.finished_link(self.run, index, fingerprint) is None:
+            if parallel.is_global_rank_zero():
+                chain.forget_link(out)
+            parallel.barrier()
             export_hf(student, out, tokenizer_dir=assets.tokenizer_dir())
+            if parallel.is_global_rank_zero():
+                chain.record_link(self.run, index, fingerprint, ckpt.checkpoint_dir(self.run.run_dir, progress.global_step))
+            parallel.barrier()
+        assets.set_teacher_path(name, out)
+
+    # ------------------------------------------------------------------ reusing a finished chain
+
+    def _reusable_link(self, assets: RunAssets) -> FinishedLink | None:
+        """The last link of the longest prefix of stages that is finished with the current inputs:
+        every link in it recorded with its fingerprint (teachers it read unchanged), every teacher
+        fine-tuning stage in it reusable. None when the first link is not."""
+        if self._reusable is not _UNSET:
+            return self._reusable  # type: ignore[no-any-return]
+        run, found = self.run, None
+        if not any(s.publish_as_teacher for s in run.stages):
+            self._reusable = None
+            return None
+        paths = {t.name: t.path for t in run.teachers}
+        for index, stage in enumerate(run.stages):
+            if stage.trains_teacher is not None:
+                name = stage.trains_teacher
+                out = chain.teacher_dir(run, name)
+                if (chain.read_meta(out) or {}).get("fingerprint") != self._fingerprint(stage, paths[name], assets):
+                    break
+                paths[name] = out
+            elif stage.publish_as_teacher:
+                link = chain.finished_link(run, index, self._link_fingerprint(index, assets))
+                if link is None or not chain.teachers_unchanged(link, paths):
+                    break
+                paths[link.teacher] = link.path
+                found = link
+        self._reusable = found
+        return found
+
+    def _reusable_before(self, stage_index: int, assets: RunAssets) -> bool:
+        """Whether a finished link before stage ``stage_index`` can be reused (a changed later stage then
+        starts over from it instead of refusing the checkpoints)."""
+        link = self._reusable_link(assets)
+        return link is not None and link.index < stage_index
+
+    def _reuse(self, index: int, stage: StageConfig, link: FinishedLink, assets: RunAssets, progress: RunProgress,
+               io: LoopIO) -> GkdModel | None:
+        """Stage ``index`` of a reused chain prefix: nothing is trained; at the prefix's last link
+        the stage-end state (student, RNG streams, global step) is restored."""
+        if stage.trains_teacher is not None:
+            self._finetune_teacher(index, stage, assets, progress, io)  # reusable: checked with the chain
+            return None
+        if stage.publish_as_teacher:
+            out = chain.teacher_dir(self.run, stage.publish_as_teacher)
             assets.set_teacher_path(stage.publish_as_teacher, out)
+            self.echo(f"[{stage.name}] reusing the finished link '{stage.publish_as_teacher}' in {out}")
+        else:
+            self.echo(f"[{stage.name}] part of the finished chain up to '{link.teacher}': not trained again")
+        if index != link.index:
+            return None
+        student = assets.build_student(self._student_init(index))
+        restore_finished_stage(link.point, student)
+        progress.global_step = link.global_step
+        return student
 
 
-__all__ = ["Trainer", "TrainingInterrupted", "format_table"]
+__all__ = ["TEACHER_META", "Trainer", "TrainingInterrupted", "format_table"]
