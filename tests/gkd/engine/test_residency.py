@@ -295,3 +295,15 @@ def test_resume_with_disk_teachers_still_checks_their_sha256(workspace, tmp_path
     save_file({k: v * 2 for k, v in weights.items()}, str(teachers / "mid" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"teacher 'mid' changed since the checkpoint"):
         run(config)
+
+
+def test_a_changed_offload_does_not_block_a_resume():
+    """Offloading changes no result, so a run may resume with another (or a missing) ``offload``;
+    a changed dtype still differs."""
+    from gkd.engine.resume import config_differences
+
+    saved = {"teachers": [{"name": "a", "path": "p", "dtype": "fp32"}], "logging": {"plot": True}}
+    current = {"teachers": [{"name": "a", "path": "p", "dtype": "fp32", "offload": "disk"}], "logging": {"plot": False}}
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {"teachers": [{"name": "a", "path": "p", "dtype": "bf16", "offload": "cpu"}]}) \
+        == ["teachers[0].dtype"]

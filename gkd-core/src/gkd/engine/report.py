@@ -3,6 +3,7 @@ student, plot the losses, write ``summary.json`` and format the table ``gkd dist
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,11 @@ def model_rows(assets: RunAssets, student: GkdModel | None) -> list[dict[str, An
             if model.model_config.head != run.task.head:
                 row["error"] = f"no {run.task.head} head"
             else:
-                ev = evaluate(model, assets.dataset(test), batch_size, assets.placement, seed=run.seed)
+                # An offloaded teacher is brought in once for its whole evaluation, not per batch.
+                slot = assets.teachers.get(label.removeprefix("teacher:")) if label.startswith("teacher:") else None
+                held = slot.residency.hold() if slot is not None and slot.residency is not None else contextlib.nullcontext()
+                with held:
+                    ev = evaluate(model, assets.dataset(test), batch_size, assets.placement, seed=run.seed)
                 row |= {ev.metric: ev.value, "eval_loss": ev.loss, "throughput": ev.throughput}
         rows.append(row)
     return rows

@@ -2,7 +2,7 @@
 
 A run resumes from the newest complete checkpoint in its ``run_dir`` unless
 ``checkpoint.resume`` is false (then old checkpoints are removed). It refuses a checkpoint
-written by a different config (sections in :data:`RESUME_INDEPENDENT` may change; so may stages
+written by a different config (sections in :data:`RESUME_INDEPENDENT` and `teachers[].offload` may change; so may stages
 the checkpoint had not reached, and a chain may start over after its finished links, see
 :func:`find_resume_point`) or with teachers whose weights changed since.
 """
@@ -53,6 +53,8 @@ def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
         for key in sorted(set(saved) | set(current)):
             if not path and key in RESUME_INDEPENDENT:
                 continue
+            if key == "offload" and path.startswith("teachers["):
+                continue  # where a frozen teacher waits between forwards does not change any result
             sub = f"{path}.{key}" if path else str(key)
             if key not in saved or key not in current:
                 out.append(sub)
