@@ -37,6 +37,10 @@ METHODS: dict[str, list[dict]] = {
     "mt-bert": [{"name": "mt-bert", "teachers": BOTH}],
     "uncertainty": [{"name": "uncertainty", "teachers": BOTH}],
     "dgkd": [{"name": "dgkd", "teachers": BOTH}],
+    # RL-KD's selection stage (no average warm-up here); the pre-trained MiniLM gives the agent's state.
+    "rl-kd": [{"name": "rl-kd", "teachers": [*BOTH, "semantic"],
+               "config": {"mode": "select", "semantic_teacher": "semantic", "semantic_pooling": "mean",
+                          "temperature": 10.0, "soft_weight": 0.5, "hard_weight": 0.5}}],
 }
 
 
@@ -68,6 +72,8 @@ def config_for(method: str, seed: int, teachers: dict[str, Path], method_steps: 
               [{"name": "plain", "steps": method_steps + head_steps, "optimizer": {"lr": 3.0e-4}}])
     stages[-1]["data"] = {"eval": bench.DATA["eval"]}
     slug = method.replace(" ", "-").replace(",", "")
+    named = {t for e in entries for t in e.get("teachers", [])}
+    teachers = {n: p for n, p in teachers.items() if n in named or n == "minilm"}
     return {"name": slug, "run_dir": str(WORK / f"{slug}-seed{seed}"), "seed": seed,
             "task": {"type": "sequence_classification", "max_length": 64}, "data": {"train": bench.DATA["train"]},
             "teachers": [{"name": n, "path": str(p)} for n, p in teachers.items()],
@@ -88,7 +94,8 @@ def main() -> None:
     names = [m for m in METHODS if not args.only or m in args.only.split(",")]
     WORK.mkdir(parents=True, exist_ok=True)
     teacher = bench.finetuned_teacher()
-    teachers = {"minilm": teacher, "minilm4": second_teacher(teacher, args.assistant_steps)}
+    teachers = {"minilm": teacher, "minilm4": second_teacher(teacher, args.assistant_steps),
+                "semantic": Path(bench.TEACHER["path"])}  # the pre-trained MiniLM (pkg: path)
     results: dict[str, list[tuple[float, float, int]]] = {m: [] for m in names}
     failures: dict[str, str] = {}
     for seed in range(1, args.seeds + 1):
