@@ -31,8 +31,8 @@ BOTH = ["minilm", "minilm4"]
 # method -> its entry in the distillation stage (teachers named explicitly)
 METHODS: dict[str, list[dict]] = {
     "plain fine-tuning": [],
-    "kd, 6-layer teacher": [{"name": "kd", "teachers": ["minilm"], "config": {"temperature": 2.0}}],
-    "kd, 4-layer teacher": [{"name": "kd", "teachers": ["minilm4"], "config": {"temperature": 2.0}}],
+    "kd (6-layer teacher)": [{"name": "kd", "teachers": ["minilm"], "config": {"temperature": 2.0}}],
+    "kd (4-layer teacher)": [{"name": "kd", "teachers": ["minilm4"], "config": {"temperature": 2.0}}],
     "tmkd": [{"name": "tmkd", "teachers": BOTH}],
     "mt-bert": [{"name": "mt-bert", "teachers": BOTH}],
     "uncertainty": [{"name": "uncertainty", "teachers": BOTH}],
@@ -71,7 +71,7 @@ def config_for(method: str, seed: int, teachers: dict[str, Path], method_steps: 
                {"name": "head", "steps": head_steps, "optimizer": {"lr": 3.0e-4}}] if entries else
               [{"name": "plain", "steps": method_steps + head_steps, "optimizer": {"lr": 3.0e-4}}])
     stages[-1]["data"] = {"eval": bench.DATA["eval"]}
-    slug = method.replace(" ", "-").replace(",", "")
+    slug = method.replace(" ", "-").replace("(", "").replace(")", "")
     named = {t for e in entries for t in e.get("teachers", [])}
     teachers = {n: p for n, p in teachers.items() if n in named or n == "minilm"}
     return {"name": slug, "run_dir": str(WORK / f"{slug}-seed{seed}"), "seed": seed,
@@ -129,7 +129,7 @@ def write_section(out: Path, results: dict, failures: dict, args: argparse.Names
 Measured on {datetime.date.today().isoformat()} ({machine}) with
 
 ```
-python benchmarks/multiteacher.py --seeds {args.seeds} --assistant-steps {args.assistant_steps} --method-steps {args.method_steps} --head-steps {args.head_steps}
+python benchmarks/multiteacher.py --seeds {args.seeds} --assistant-steps {args.assistant_steps} --method-steps {args.method_steps} --head-steps {args.head_steps}{f' --only "{args.only}"' if args.only else ''}
 ```
 
 Two real teachers of different size: the fine-tuned all-MiniLM-L6-v2 (6 layers, as above) and a 4-layer
