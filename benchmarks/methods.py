@@ -72,6 +72,8 @@ METHODS: dict[str, list[dict]] = {
     "diito": [{"name": "diito"}],
 }
 PLOTS = ROOT / "docs" / "img" / "methods"
+# Rows of one run of this script share this stamp (two runs on one day stay apart).
+RUN_STAMP = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _run(config: dict, path: Path) -> tuple[int, float, int, str]:
@@ -211,7 +213,7 @@ def write_table(out: Path, results: dict, failures: dict, args: argparse.Namespa
         rows.append(f"| {method} | {mean:.4f} ± {spread:.4f} | {', '.join(f'{a:.4f}' for a in accs)} | "
                     f"{args.method_steps + args.head_steps} | {statistics.median(s for _, s, _ in runs):.0f} s | "
                     f"{max(r for _, _, r in runs) / 2**30:.2f} GiB | {'yes' if mean > baseline else '**no**'} | {beats_plain} | "
-                    f"{datetime.date.today().isoformat()} |")
+                    f"{RUN_STAMP} |")
     if args.merge:
         rows = _existing_rows(out, {m for m, runs in results.items() if runs}) + rows
     cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
@@ -244,9 +246,9 @@ resident set size. The majority-class baseline is {baseline:.4f}.
     if failures:
         text += "\nFailed runs: " + "; ".join(f"{m}: {e}" for m, e in failures.items()) + "\n"
     text += ("\nThis is a short, single-task budget on a CPU: the ranking says how the methods behave on this "
-             "task at this scale, not how they compare at the paper's scale. Rows measured on different dates come "
-             "from separate runs of this script (same protocol); \"beats plain fine-tuning\" compares with the "
-             "plain fine-tuning row of the same date.\n")
+             "task at this scale, not how they compare at the paper's scale. Rows with different `measured` stamps "
+             "come from separate runs of this script (same protocol); \"beats plain fine-tuning\" compares with "
+             "the plain fine-tuning row of the same run.\n")
     images = sorted(PLOTS.glob("*.png")) if PLOTS.is_dir() else []
     if images:
         text += ("\n## Loss curves\n\nEvery logged term of the first seed's run against the global step (the paper's "
