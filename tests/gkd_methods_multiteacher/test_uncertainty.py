@@ -138,11 +138,11 @@ def test_token_logits_route_by_the_mean_entropy_of_real_tokens():
 
 def test_a_micro_batch_smaller_than_the_teacher_count_is_an_error_or_routed():
     z = torch.randn(1, 3)
-    m = _method()
+    m = _method({"small_batch": "error"})
     m.plan(step(), {}, 0, None)
     with pytest.raises(GkdError, match=r"micro-batch has 1 example\(s\) and there are 2 teachers.*small_batch: route"):
         m.plan(step(), {}, 1, outputs({}, ModelView({}, z)))
-    routed = _method({"small_batch": "route", "hard_weight": 0})
+    routed = _method({"hard_weight": 0})  # route is the default
     planned, _, terms = _two_passes(routed, {}, z, {"small": torch.randn(1, 3), "large": torch.randn(1, 3)})
     assert planned == ["large"]                    # rank 0 of 1 is the top quantile's last group
     assert torch.isfinite(terms["soft"])
@@ -179,10 +179,13 @@ def test_teachers_without_examples_are_not_run_and_the_student_runs_once():
                                                                     rel=1e-5)
 
 
-def test_error_through_the_engine_names_the_batch_size_and_the_teacher_count():
+def test_small_batches_through_the_engine_are_routed_or_an_error_naming_both_sizes():
     models = tiny_models("encoder", teachers={"a": 4, "b": 3, "c": 3})
+    result = run_step(build_method("uncertainty", models=models), models, tiny_batch("encoder", batch=2))
+    assert torch.isfinite(result.loss) and "uncertainty.pass1.soft" in result.terms  # default: routed
     with pytest.raises(GkdError, match=r"has 2 example.*there are 3 teachers"):
-        run_step(build_method("uncertainty", models=models), models, tiny_batch("encoder", batch=2))
+        run_step(build_method("uncertainty", {"small_batch": "error"}, models=models), models,
+                 tiny_batch("encoder", batch=2))
 
 
 def test_checks_and_claims():
