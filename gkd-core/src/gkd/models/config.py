@@ -394,6 +394,27 @@ class ModelConfig:
             known.add(key)
             return hf.get(key, default)
 
+        def encoder_head_and_labels() -> dict[str, Any]:
+            """The head (from ``architectures`` unless given), label count and names of an encoder."""
+            own = head or (
+                "mlm"
+                if ("MaskedLM" in arch or "PreTraining" in arch)
+                else ("classification" if "SequenceClassification" in arch else "none")
+            )
+            id2label = take("id2label")
+            num_labels = len(id2label) if id2label else take("num_labels", 2)
+            if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
+                id2label = None  # transformers' placeholder names carry no information
+            take("label2id")
+            return dict(
+                head=own,
+                add_pooler=own != "mlm",
+                num_labels=num_labels,
+                id2label={int(k): str(v) for k, v in id2label.items()}
+                if id2label and own == "classification"
+                else None,
+            )
+
         if model_type == "bert":
             if take("position_embedding_type", "absolute") != "absolute":
                 raise ValueError(
@@ -401,17 +422,8 @@ class ModelConfig:
                 )
             if take("is_decoder", False) or take("add_cross_attention", False):
                 raise ValueError("BERT configs with is_decoder/add_cross_attention are not supported")
-            if head is None:
-                head = (
-                    "mlm"
-                    if ("MaskedLM" in arch or "PreTraining" in arch)
-                    else ("classification" if "SequenceClassification" in arch else "none")
-                )
-            id2label = take("id2label")
-            num_labels = len(id2label) if id2label else take("num_labels", 2)
-            if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
-                id2label = None  # transformers' placeholder names carry no information
             kw: dict[str, Any] = dict(
+                **encoder_head_and_labels(),
                 family="encoder",
                 vocab_size=take("vocab_size"),
                 hidden_size=take("hidden_size"),
@@ -423,12 +435,6 @@ class ModelConfig:
                 hidden_act=take("hidden_act", "gelu"),
                 norm_eps=take("layer_norm_eps", 1e-12),
                 tie_word_embeddings=take("tie_word_embeddings", True),
-                head=head,
-                add_pooler=head != "mlm",
-                num_labels=num_labels,
-                id2label={int(k): str(v) for k, v in id2label.items()}
-                if id2label and head == "classification"
-                else None,
                 classifier_dropout=take("classifier_dropout"),
                 hidden_dropout=take("hidden_dropout_prob", 0.1),
                 attention_dropout=take("attention_probs_dropout_prob", 0.1),
@@ -437,7 +443,6 @@ class ModelConfig:
                 bos_token_id=take("bos_token_id"),
                 eos_token_id=take("eos_token_id"),
             )
-            take("label2id")
         elif model_type == "llama":
             rope = take("rope_parameters") or take("rope_scaling") or {}
             rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -478,21 +483,12 @@ class ModelConfig:
                 eos_token_id=take("eos_token_id"),
             )
         elif model_type == "mobilebert":
-            if head is None:
-                head = (
-                    "mlm"
-                    if ("MaskedLM" in arch or "PreTraining" in arch)
-                    else ("classification" if "SequenceClassification" in arch else "none")
-                )
-            id2label = take("id2label")
-            num_labels = len(id2label) if id2label else take("num_labels", 2)
-            if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
-                id2label = None
             hidden = take("hidden_size", 512)
             use_bottleneck = take("use_bottleneck", True)
             intra = take("intra_bottleneck_size", 128)
             take("true_hidden_size")  # derived by transformers from the two above
             kw = dict(
+                **encoder_head_and_labels(),
                 family="encoder",
                 variant="mobilebert",
                 vocab_size=take("vocab_size", 30522),
@@ -505,12 +501,6 @@ class ModelConfig:
                 hidden_act=take("hidden_act", "relu"),
                 norm_eps=take("layer_norm_eps", 1e-12),
                 tie_word_embeddings=take("tie_word_embeddings", True),
-                head=head,
-                add_pooler=head != "mlm",
-                num_labels=num_labels,
-                id2label={int(k): str(v) for k, v in id2label.items()}
-                if id2label and head == "classification"
-                else None,
                 classifier_dropout=take("classifier_dropout"),
                 hidden_dropout=take("hidden_dropout_prob", 0.0),
                 attention_dropout=take("attention_probs_dropout_prob", 0.1),
@@ -528,7 +518,6 @@ class ModelConfig:
                 normalization_type=take("normalization_type", "no_norm"),
                 classifier_activation=take("classifier_activation", True),
             )
-            take("label2id")
         else:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; gkd reads 'bert' and 'mobilebert' (encoders) "
