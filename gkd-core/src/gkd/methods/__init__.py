@@ -15,7 +15,7 @@ is documented where it is defined):
   :class:`ModelView`, :data:`STUDENT`, :func:`teacher_key`, :func:`teacher_logits`
   (``gkd.methods.api``);
 * checks before any model exists — :meth:`Method.check` returns :class:`FeatureIssue` s;
-  :func:`check_features`, :func:`logits_issues`, :func:`validate_feature_patterns`,
+  :func:`check_features`, :func:`logits_issues`, :func:`depth_issues`, :func:`validate_feature_patterns`,
   :func:`raise_issues` (``gkd.methods.checks``, ``gkd.methods.api``);
 * operations on the forward pass — :data:`Operation`, :func:`replace_with`,
   :func:`add_perturbation`, :func:`write_positions`, :func:`write_span`, :func:`swap_layers`,
@@ -45,7 +45,7 @@ from gkd._lazy import lazy_exports
 _SPEC = ("FeatureUse", "MethodKind", "MethodSpec", "StageKind", "load_schema")
 _API = ("STUDENT", "ForwardRequest", "Method", "MethodContext", "ModelShape", "ModelView", "PassPlan", "PassView",
         "StepContext", "raise_issues", "teacher_key", "teacher_logits")
-_CHECKS = ("FeatureIssue", "check_features", "logits_issues", "validate_feature_patterns")
+_CHECKS = ("FeatureIssue", "check_features", "depth_issues", "logits_issues", "validate_feature_patterns")
 _OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "write_positions", "write_span")
 _LOSSES = ("SoftLoss", "attention_kl", "attention_valid_mask", "cosine_distance", "kl_between_distributions",
            "kl_divergence", "logits_mask", "masked_log_softmax", "mean_pool", "mse", "relation_log_softmax",
@@ -117,6 +117,7 @@ __all__ = [
     "checks",
     "compose",
     "cosine_distance",
+    "depth_issues",
     "gather_along_dim",
     "gather_heads",
     "gather_last_dim",
@@ -177,7 +178,13 @@ if TYPE_CHECKING:
         teacher_key,
         teacher_logits,
     )
-    from gkd.methods.checks import FeatureIssue, check_features, logits_issues, validate_feature_patterns
+    from gkd.methods.checks import (
+        FeatureIssue,
+        check_features,
+        depth_issues,
+        logits_issues,
+        validate_feature_patterns,
+    )
     from gkd.methods.layers import hidden_tap, random_map, stride_map, uniform_map
     from gkd.methods.losses import (
         SoftLoss,

@@ -246,10 +246,35 @@ def check_features(spec: MethodSpec, config: Mapping[str, Any], context: MethodC
     return issues
 
 
+def depth_issues(method: str, context: MethodContext, *, mapping: str = "maps every student layer onto a teacher layer",
+                 field: str | None = None, fix: str = "", teachers: Iterable[str] | None = None) -> list[FeatureIssue]:
+    """For :meth:`Method.check` of a method that pairs every student layer with teacher layers:
+    each teacher must be at least as deep as the student.
+
+    Args:
+        method: The method's name, for the messages.
+        context: The method's context.
+        mapping: What the method does with the layers, as the message says it.
+        field: The config key that makes the method pair layers (``None``: always).
+        fix: Appended to the message, e.g. ``", or set alpha: 0"``.
+        teachers: The teachers to check (default: all of ``context.teachers``).
+    """
+    s = context.student
+    issues = []
+    for name in list(context.teachers) if teachers is None else list(teachers):
+        t, label = context.teachers[name], model_label(name)
+        if t.num_layers < s.num_layers:
+            issues.append(FeatureIssue(label, field, f"{method}: {mapping}, but the student has {s.num_layers} layers "
+                                                     f"and {label} {t.num_layers}; use a teacher at least as deep as "
+                                                     f"the student{fix}"))
+    return issues
+
+
 __all__ = [
     "MODEL_TAPS",
     "FeatureIssue",
     "check_features",
+    "depth_issues",
     "logits_issues",
     "matches",
     "model_label",

@@ -17,6 +17,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    depth_issues,
     hard_loss_claim,
     hidden_tap,
     prediction_issues,
@@ -42,13 +43,7 @@ class CKD(Method):
         """A teacher at least as deep as the student for the layer map; teacher logits for the soft term."""
         issues: list[FeatureIssue] = []
         if any(config[f"{r}_weight"] > 0 for r in RELATIONS):
-            s = context.student
-            for name, t in context.teachers.items():
-                if t.num_layers < s.num_layers:
-                    issues.append(FeatureIssue(
-                        f"teacher '{name}'", None,
-                        f"ckd: maps every student layer onto a teacher layer, but the student has {s.num_layers} "
-                        f"layers and teacher '{name}' {t.num_layers}; use a teacher at least as deep as the student"))
+            issues += depth_issues(cls.name, context)
         return issues + prediction_issues(cls.name, config, context)
 
     @classmethod

@@ -35,6 +35,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    depth_issues,
     hidden_tap,
     logits_issues,
     losses,
@@ -217,11 +218,10 @@ class DIITO(Method):
         intervenes = config["causal_ce_weight"] > 0 or config["causal_cos_weight"] > 0
         for name, t in context.teachers.items():
             label = f"teacher '{name}'"
-            if intervenes and config["alignment"] == "full" and t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(label, "alignment", (
-                    f"diito: the full alignment maps every student layer onto a block of teacher layers, but the "
-                    f"student has {s.num_layers} layers and {label} {t.num_layers}; use a teacher at least as deep "
-                    "as the student, or alignment: middle or late")))
+            if intervenes and config["alignment"] == "full":
+                issues += depth_issues(
+                    cls.name, context, field="alignment", fix=", or alignment: middle or late", teachers=[name],
+                    mapping="the full alignment maps every student layer onto a block of teacher layers")
             if (config["cos_weight"] > 0 or config["causal_cos_weight"] > 0) and s.hidden_size != t.hidden_size:
                 field = "cos_weight" if config["cos_weight"] > 0 else "causal_cos_weight"
                 issues.append(FeatureIssue(label, field, (

@@ -21,6 +21,7 @@ from gkd.methods import (
     PassView,
     StepContext,
     add_perturbation,
+    depth_issues,
     gather_over_dp,
     hard_loss_claim,
     hidden_tap,
@@ -72,18 +73,13 @@ class LRCBERT(Method):
     def check(cls, config: Mapping[str, Any], context: MethodContext) -> list[FeatureIssue]:
         """A teacher at least as deep as the student; at least one term on; teacher logits for
         the soft term."""
-        s = context.student
         issues: list[FeatureIssue] = []
         if config["alpha"] <= 0 and config["soft_weight"] <= 0 and config["hard_weight"] <= 0:
             issues.append(FeatureIssue("student", "alpha", (
                 "lrc-bert: alpha, soft_weight and hard_weight are all 0, so nothing is optimised; set alpha > 0 "
                 "(contrastive), soft_weight > 0 or hard_weight > 0")))
-        for name, t in context.teachers.items():
-            if config["alpha"] > 0 and t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(f"teacher '{name}'", None, (
-                    f"lrc-bert: maps every student layer onto a teacher layer, but the student has {s.num_layers} "
-                    f"layers and teacher '{name}' {t.num_layers}; use a teacher at least as deep as the student, or "
-                    "set alpha: 0")))
+        if config["alpha"] > 0:
+            issues += depth_issues(cls.name, context, fix=", or set alpha: 0")
         issues += prediction_issues(cls.name, config, context, fix="or set soft_weight: 0")
         return issues
 

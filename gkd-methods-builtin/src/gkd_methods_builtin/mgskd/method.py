@@ -17,6 +17,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    depth_issues,
     hard_loss_claim,
     hidden_tap,
     losses,
@@ -53,13 +54,7 @@ class MGSKD(Method):
                         label, "relation_heads",
                         f"mgskd: relation_heads {heads} must divide the hidden size, but the {label} has "
                         f"{shape.hidden_size}; use a divisor of every model's hidden size"))
-            for name, t in context.teachers.items():
-                if t.num_layers < s.num_layers:
-                    issues.append(FeatureIssue(
-                        f"teacher '{name}'", None,
-                        f"mgskd: maps student layers onto teacher layers with stride T // S, but the student has "
-                        f"{s.num_layers} layers and teacher '{name}' {t.num_layers}; use a teacher at least as deep "
-                        "as the student"))
+            issues += depth_issues(cls.name, context, mapping="maps student layers onto teacher layers with stride T // S")
         issues += prediction_issues(cls.name, config, context)
         structural = config["intermediate"] and (
             config["token_weight"] > 0 or config["sample_weight"] > 0

@@ -20,6 +20,7 @@ from gkd.methods import (
     PassView,
     StepContext,
     all_reduce_mean_over_tp,
+    depth_issues,
     hard_loss_claim,
     hidden_tap,
     logits_issues,
@@ -82,10 +83,8 @@ class MobileBERT(Method):
                 "has no loss; turn one of them on")))
         for name, t in context.teachers.items():
             label = f"teacher '{name}'"
-            if t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(label, None, (
-                    f"mobilebert: maps every student layer onto a block of teacher layers, but the student has "
-                    f"{s.num_layers} layers and {label} {t.num_layers}; use a teacher at least as deep as the student")))
+            issues += depth_issues(cls.name, context, mapping="maps every student layer onto a block of teacher layers",
+                                   teachers=[name])
             if config["hidden_weight"] > 0 and t.hidden_size != s.hidden_size:
                 issues.append(FeatureIssue(label, "hidden_weight", (
                     f"mobilebert: feature-map transfer compares hidden states without a projection, but the student "

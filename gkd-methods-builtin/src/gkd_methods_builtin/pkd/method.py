@@ -18,6 +18,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    depth_issues,
     hidden_tap,
     logits_issues,
     losses,
@@ -67,10 +68,9 @@ class PKD(Method):
         issues: list[FeatureIssue] = []
         for name, t in context.teachers.items():
             label = f"teacher '{name}'"
-            if t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(label, None, (
-                    f"pkd: maps every student layer onto a teacher layer, but the student has {s.num_layers} layers "
-                    f"and {label} {t.num_layers}; use a teacher at least as deep as the student")))
+            shallow = depth_issues(cls.name, context, teachers=[name])
+            if shallow:
+                issues += shallow
                 continue
             if config["beta"] <= 0:
                 continue

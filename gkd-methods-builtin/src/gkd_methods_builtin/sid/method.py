@@ -19,6 +19,7 @@ from gkd.methods import (
     PassView,
     StepContext,
     all_reduce_mean_over_tp,
+    depth_issues,
     gather_over_dp,
     hard_loss_claim,
     hidden_tap,
@@ -77,10 +78,7 @@ class SID(Method):
                 "them on")))
         for name, t in context.teachers.items():
             label = f"teacher '{name}'"
-            if t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(label, None, (
-                    f"sid: maps every student layer onto a teacher layer, but the student has {s.num_layers} layers "
-                    f"and {label} {t.num_layers}; use a teacher at least as deep as the student")))
+            issues += depth_issues(cls.name, context, teachers=[name])
             if cos_on and s.hidden_size != t.hidden_size:
                 issues.append(FeatureIssue(label, "cosine_weight", (
                     f"sid: the cosine term compares hidden vectors of equal width, but the student has hidden_size "

@@ -26,6 +26,7 @@ from gkd.methods import (
     PassPlan,
     PassView,
     StepContext,
+    depth_issues,
     raise_issues,
     swap_layers,
     teacher_key,
@@ -140,11 +141,8 @@ class Theseus(Method):
                     f"theseus: runs {label}'s layers on the student's hidden states, so the widths must be equal, but "
                     f"the student has hidden_size {s.hidden_size} and {label} {t.hidden_size}; truncate the student "
                     "from the teacher (student.init.strategy: truncate)")))
-            if t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(label, None, (
-                    f"theseus: replaces each student layer by a block of teacher layers, but the student has "
-                    f"{s.num_layers} layers and {label} {t.num_layers}; use a teacher at least as deep as the "
-                    "student")))
+            issues += depth_issues(cls.name, context, mapping="replaces each student layer by a block of teacher layers",
+                                   teachers=[name])
         if config["hard_weight"] > 0 and s.has_logits is False:
             issues.append(FeatureIssue("student", "hard_weight", (
                 "theseus: trains on the task loss of the hybrid model, but the student has no task head; give the "

@@ -19,6 +19,7 @@ from gkd.methods import (
     PassView,
     StepContext,
     all_reduce_mean_over_tp,
+    depth_issues,
     hidden_tap,
     logits_issues,
     losses,
@@ -58,11 +59,8 @@ class TinyBERT(Method):
                     f"teacher '{name}'", "attention",
                     f"tinybert: the attention loss needs equal head counts (student {s.num_heads}, teacher '{name}' "
                     f"{t.num_heads}); set config.attention: false or give the student as many heads"))
-            if (config["hidden"] or config["attention"]) and t.num_layers < s.num_layers:
-                issues.append(FeatureIssue(
-                    f"teacher '{name}'", None,
-                    f"tinybert: maps every student layer onto a teacher layer, but the student has {s.num_layers} "
-                    f"layers and teacher '{name}' {t.num_layers}; use a teacher at least as deep as the student"))
+            if config["hidden"] or config["attention"]:
+                issues += depth_issues(cls.name, context, teachers=[name])
         if config["prediction"]:
             issues += logits_issues(cls.name, context, field="prediction", fix="or set prediction: false")
         return issues
