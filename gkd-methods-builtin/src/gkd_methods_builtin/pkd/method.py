@@ -47,16 +47,6 @@ def layer_pairs(config: Mapping[str, Any], student_layers: int, teacher_layers: 
     return pairs
 
 
-def summary_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, family: str) -> torch.Tensor:
-    """``[b, h]``: token 0 ([CLS]) of an encoder; the last real token of a decoder, the only
-    position that has seen the whole sequence under the causal mask (padding on either side)."""
-    if family != "decoder":
-        return hidden[:, 0]
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (attention_mask.bool() * positions).argmax(-1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 class PKD(Method):
     name = "pkd"
 
@@ -118,7 +108,8 @@ class PKD(Method):
         mask: torch.Tensor | None = attention_mask
         if self.config["only_cls"]:
             family = self.context.student.family
-            s, t, mask = summary_tokens(s, attention_mask, family), summary_tokens(t, attention_mask, family), None
+            s, t = losses.summary_token(s, attention_mask, family), losses.summary_token(t, attention_mask, family)
+            mask = None
         if self.config["normalized"]:
             s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
         return losses.mse(s, t, mask)
