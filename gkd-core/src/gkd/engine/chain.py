@@ -35,7 +35,7 @@ from typing import Any
 from gkd.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from gkd.config.run import RunConfig, StudentInit
 from gkd.engine import checkpoint as ckpt
-from gkd.engine.fingerprint import sha256_of_checkpoint
+from gkd.engine.fingerprint import file_sha256, sha256_of_checkpoint
 from gkd.engine.metrics import METRICS_FILE, read_records
 from gkd.engine.resume import ResumePoint
 from gkd.engine.serialize import FORMAT_VERSION, CheckpointError, read_json, write_json
@@ -46,9 +46,6 @@ LINK_DIR = "link"
 """The stage-end state of a finished link, inside the published teacher's directory."""
 LINK_FILES = ("model.safetensors", "rng.safetensors", "state.json")
 """What a link keeps of its stage-end checkpoint (no optimizer: the stage is over)."""
-_HASH_CHUNK = 1 << 20
-_DATA_HASHES: dict[tuple[str, int, int], str] = {}
-"""Data-file hashes of this process, by (path, size, mtime) (like the weight-file cache)."""
 
 
 @dataclass(frozen=True)
@@ -81,27 +78,13 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _file_sha256(path: Path) -> str:
-    if path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
-        return sha256_of_checkpoint(path)  # cached by (path, size, mtime)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DATA_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        _DATA_HASHES[key] = digest.hexdigest()
-    return _DATA_HASHES[key]
-
-
 def content_sha256(path: Path) -> str | None:
     """sha256 of a data file, or of a directory's files (names and contents); None when missing."""
     path = Path(path)
     if path.is_file():
-        return _file_sha256(path)
+        return file_sha256(path)
     if path.is_dir():
-        lines = "".join(f"{_file_sha256(p)}  {p.relative_to(path)}\n" for p in sorted(path.rglob("*")) if p.is_file())
+        lines = "".join(f"{file_sha256(p)}  {p.relative_to(path)}\n" for p in sorted(path.rglob("*")) if p.is_file())
         return hashlib.sha256(lines.encode()).hexdigest()
     return None
 

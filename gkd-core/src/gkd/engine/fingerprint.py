@@ -14,14 +14,11 @@ from gkd.engine.serialize import CheckpointError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
-
-
-
-
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of one file's bytes, as ``sha256sum`` prints it; cached in memory by (path, size, mtime)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
@@ -50,8 +47,8 @@ def sha256_of_checkpoint(path: Path) -> str:
     if not files:
         raise CheckpointError(f"{path}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
     if len(files) == 1:
-        return _file_sha256(files[0])
-    manifest = "".join(f"{_file_sha256(f)}  {f.name}\n" for f in files)
+        return file_sha256(files[0])
+    manifest = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
