@@ -25,9 +25,12 @@ from gkd.engine.resume import ResumePoint, restore_training
 from gkd.engine.schedule import build_scheduler
 from gkd.engine.step import SelectedMethod, distill_step, step_context
 from gkd.errors import GkdError
+from gkd.parallel.comm import mean_over_dp
 from gkd.parallel.placement import Placement
 from gkd.parallel.rng import megatron_rng_states
 from gkd.parallel.zero import deepspeed_config, initialize_engine
+
+_LOSS = "\x00loss"  # the total, carried with the terms through one DP reduction
 
 
 class TrainingInterrupted(Exception):
@@ -82,9 +85,11 @@ class Checkpointer:
             extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "megatron_rng": megatron_rng_states(),
                    "labels": self.labels(), "optimizer_saved": self.saves_optimizer},
         )
-        ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary,
-                             optimizer=optimizer if self.saves_optimizer else None, scheduler=scheduler,
-                             config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
+        if parallel.is_global_rank_zero():  # interim: one writer; full-layout checkpoints are being built (issue 11)
+            ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary,
+                                 optimizer=optimizer if self.saves_optimizer else None, scheduler=scheduler,
+                                 config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
+        parallel.barrier()
 
 
 @dataclass
@@ -165,6 +170,9 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                 loss_value += float(result.loss.detach()) / training.grad_accum
                 for k, v in result.terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / training.grad_accum
+            # One value per step for the whole (data-parallel) batch, the same on every rank.
+            sums = mean_over_dp(sums | {_LOSS: loss_value})
+            loss_value = sums.pop(_LOSS)
             for name, sel in job.methods.items():
                 own = {k.split(".", 1)[1]: v for k, v in sums.items() if k.startswith(name + ".")}
                 sel.method.after_step(contexts[name], sel.state, own)

@@ -174,6 +174,22 @@ def gather_over_dp(t: torch.Tensor) -> torch.Tensor:
     return _GatherOverDP.apply(t, group)
 
 
+def mean_over_dp(values: dict[str, float]) -> dict[str, float]:
+    """Average python numbers over the data-parallel ranks (a collective; same keys on every rank).
+
+    What the loop logs and hands to ``after_step``: each DP rank computes its loss terms on its
+    own examples, and their mean is the single-process value on the whole batch (equal local
+    batches). Method states updated from it stay equal on every rank.
+    """
+    world, group = _dp_group()
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
 def shard_along_dim(
     t: torch.Tensor, dim: int, rank: int | None = None, world: int | None = None
 ) -> torch.Tensor:
@@ -192,5 +208,6 @@ __all__ = [
     "gather_heads",
     "gather_last_dim",
     "gather_over_dp",
+    "mean_over_dp",
     "shard_along_dim",
 ]
