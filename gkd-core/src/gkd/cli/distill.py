@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import click
 
 from gkd.config import load_run_config
+
+EXIT_PEER_FAILED = 1
+"""Exit code of a rank that stopped because another rank of the job died or hung."""
 
 
 @click.command()
@@ -19,15 +25,37 @@ def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, pro
     from gkd.plugins.manager import get_plugin_manager
 
     registry = get_plugin_manager().registry
+    # Every rank of a launched job checks the config before any process group exists, so a bad
+    # config stops each of them with the same one-line error.
     run = load_run_config(config, overrides, registry=registry)
+    # One rank speaks (errors aside); the launcher's RANK is known before torch is imported.
+    speaks = os.environ.get("RANK", "0").strip() in ("0", "")
+    echo = click.echo if speaks else _silent
+    if not speaks:
+        warnings.simplefilter("ignore")  # the same warnings as rank 0's, once per process
     # gkd's own first line, before the trainer imports megatron-core and DeepSpeed.
-    click.echo(f"gkd distill: run {run.name!r} → {run.run_dir}, {len(run.stages)} stage(s) "
-               f"({', '.join(s.name for s in run.stages)})")
+    echo(f"gkd distill: run {run.name!r} → {run.run_dir}, {len(run.stages)} stage(s) "
+         f"({', '.join(s.name for s in run.stages)})")
     trainer = Trainer(run, registry, progress=progress, stop_after=stop_after, echo=click.echo)
     try:
         summary = trainer.execute()
     except TrainingInterrupted as exc:
-        click.echo(str(exc))
+        echo(str(exc))
         return
-    click.echo(format_table(summary))
-    click.echo(f"run directory: {summary['run_dir']} ({summary['seconds']} s); exported student: {summary['export']}")
+    except Exception as exc:
+        from gkd.parallel.state import peer_failure
+
+        what = peer_failure(exc)
+        if what is None:
+            raise
+        # A survivor of a dead or stuck rank: one line, not a traceback through DeepSpeed and gloo.
+        click.echo(f"Error: rank {os.environ.get('RANK', '0')}: lost another process of this job ({what}): it exited, "
+                   f"or did not answer within parallel.timeout_s ({run.parallel.timeout_s:g} s); the process that failed "
+                   "first says why", err=True)
+        raise SystemExit(EXIT_PEER_FAILED) from None
+    echo(format_table(summary))
+    echo(f"run directory: {summary['run_dir']} ({summary['seconds']} s); exported student: {summary['export']}")
+
+
+def _silent(line: str) -> None:
+    """The echo of every rank but global rank 0."""

@@ -90,12 +90,13 @@ def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: Meth
         run_dir=Path(raw["run_dir"]).expanduser(),
         seed=raw["seed"],
         task=TaskConfig(**raw["task"]),
-        teachers=tuple(TeacherConfig(t["name"], resolve_path(t["path"], base), t["dtype"], t["offload"])
+        teachers=tuple(TeacherConfig(t["name"], resolve_path(t["path"], base), t["dtype"], t["offload"], t["partition"])
                        for t in raw["teachers"]),
         student=StudentConfig(_init(raw["student"]["init"], base),
                               ArchitectureOverrides(**raw["student"].get("architecture", {}))),
         stages=stages,
-        parallel=ParallelConfig(raw["parallel"]["tensor_parallel"], ZeroConfig(**zero)),
+        parallel=ParallelConfig(raw["parallel"]["tensor_parallel"], ZeroConfig(**zero), raw["parallel"]["data_parallel"],
+                                float(raw["parallel"]["timeout_s"])),
         checkpoint=CheckpointConfig(**raw["checkpoint"]),
         logging=LoggingConfig(**raw["logging"]),
         export=ExportConfig(export["enabled"], Path(export["dir"]).expanduser() if export.get("dir") else None),

@@ -17,6 +17,7 @@ from gkd.config.resolve import HEAD_FOR_TASK
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Offload = Literal["none", "cpu", "disk"]
+Partition = Literal["none", "data_parallel"]
 TaskType = Literal["sequence_classification", "masked_lm", "causal_lm"]
 LayerChoice = Literal["bottom", "strided"]
 
@@ -61,6 +62,9 @@ class TeacherConfig:
     """Precision the frozen teacher is loaded and run in."""
     offload: Offload = "none"
     """Where its parameters stay between its forward passes (:mod:`gkd.parallel.offload`)."""
+    partition: Partition = "none"
+    """``data_parallel``: each data-parallel rank keeps 1/DP of its TP shard, gathered unit by unit for
+    the forward pass (:mod:`gkd.parallel.teacher_partition`)."""
 
 
 OFFLOAD_ORDER: tuple[Offload, ...] = ("none", "cpu", "disk")
@@ -72,6 +76,16 @@ def strongest_offload(modes: Iterable[str]) -> Offload:
     among ``teachers[]`` (``none`` without teachers), so an assistant never needs more device
     memory than the configured teachers were allowed."""
     return max((m for m in modes if m in OFFLOAD_ORDER), key=OFFLOAD_ORDER.index, default="none")  # type: ignore[return-value]
+
+
+def published_partition(teachers: Iterable[TeacherConfig]) -> Partition:
+    """The partition of a teacher published by a stage: ``data_parallel`` when some teacher of
+    ``teachers[]`` is partitioned and the published offload (:func:`strongest_offload`) is not
+    ``disk`` (which holds nothing to partition)."""
+    teachers = list(teachers)
+    if strongest_offload(t.offload for t in teachers) == "disk":
+        return "none"
+    return "data_parallel" if any(t.partition == "data_parallel" for t in teachers) else "none"
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,15 @@ class ZeroConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    data_parallel: int | Literal["auto"] = "auto"
+    """Data-parallel ranks the launched job must have; ``auto``: world size / ``tensor_parallel``."""
+    timeout_s: float = 600.0
+    """How long a collective waits for the other processes before failing."""
+
+    @property
+    def expected_data_parallel(self) -> int | None:
+        """``data_parallel`` as a number, None for ``auto``."""
+        return None if self.data_parallel == "auto" else int(self.data_parallel)
 
 
 @dataclass(frozen=True)

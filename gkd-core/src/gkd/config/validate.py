@@ -434,22 +434,32 @@ class _Checker:
                 for problem in vocabulary_problems(who, read_vocabulary(path), ref_label, ref):
                     self.add(where, problem)
 
-    # ------------------------------------------------------------------ offloaded teachers
+    # ------------------------------------------------------------------ offloaded and partitioned teachers
 
     def check_offload(self) -> None:
-        """An offloaded teacher (``teachers[].offload``) has its weights only during its own forward
-        pass. A method that takes the models in ``Method.setup`` may run a teacher's modules
-        elsewhere (Theseus runs teacher layers inside the student's forward), so its teachers must
-        stay on the device."""
+        """An offloaded teacher (``teachers[].offload``) or one partitioned over the data-parallel
+        ranks (``teachers[].partition``) has its weights only during its own forward pass. A method
+        that takes the models in ``Method.setup`` may run a teacher's modules elsewhere (Theseus
+        runs teacher layers inside the student's forward), so its teachers must stay whole on the
+        device. A partition keeps 1/DP of the weights in memory, ``disk`` keeps none: not both."""
         raw_teachers = self.raw.get("teachers") if isinstance(self.raw.get("teachers"), list) else []
-        modes = {t["name"]: (i, t.get("offload", "none")) for i, t in enumerate(raw_teachers)
-                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
-        if self.registry is None or all(mode == "none" for _, mode in modes.values()):
+        entries = [(i, t) for i, t in enumerate(raw_teachers) if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        for i, t in entries:
+            if t.get("partition", "none") != "none" and t.get("offload", "none") == "disk":
+                self.add(f"teachers[{i}].partition", f"'{t['partition']}' cannot be combined with offload 'disk' "
+                         "(a partition keeps 1/DP of the teacher in memory, disk keeps none of it); use offload 'none' "
+                         "or 'cpu' with the partition, or partition 'none'")
+        # teacher -> [(field, mode)] of what takes its weights away between forward passes
+        away = {t["name"]: (i, [(f, t.get(f, "none")) for f in ("offload", "partition") if t.get(f, "none") != "none"])
+                for i, t in entries}
+        if self.registry is None or not any(fields for _, fields in away.values()):
             return
         from gkd.config.run import strongest_offload
         from gkd.methods.api import Method
 
-        published = strongest_offload(str(mode) for _, mode in modes.values())
+        offload = strongest_offload(str(t.get("offload", "none")) for _, t in entries)
+        partitioned = offload != "disk" and any(t.get("partition", "none") != "none" for _, t in entries)
+        published = [("offload", offload)] * (offload != "none") + [("partition", "data_parallel")] * partitioned
         seen: set[tuple[str, str]] = set()
         for view in resolve.stages(self.raw):
             methods = view.raw.get("methods") if isinstance(view.raw.get("methods"), list) else []
@@ -464,23 +474,32 @@ class _Checker:
                     continue
                 which = f"method '{spec.name}' (stages[{view.index}].methods[{k}])"
                 why = ("takes the models in Method.setup and may run the teacher's modules outside the teacher's own "
-                       "forward pass, where an offloaded teacher holds no weights")
+                       "forward pass, where {} teacher holds no weights")
                 listed = isinstance(view.raw.get("teachers"), list)
                 for t in resolve.method_teachers(entry, view.teachers, spec.kind, stage_lists=listed):
-                    if t in modes and modes[t][1] != "none":
-                        i, mode = modes[t]
-                        issue = (f"teachers[{i}].offload", f"teacher '{t}' cannot be offloaded ('{mode}') for {which}: "
-                                                           f"it {why}; set offload: none, or use another method")
-                    elif t in view.published_before and t not in modes and published != "none":
-                        issue = (f"stages[{view.index}].methods[{k}].name",
-                                 f"{which} {why}, and teacher '{t}' (published by an earlier stage) is offloaded "
-                                 f"('{published}', the strongest offload of teachers[]); use another method, or "
-                                 "set every teachers[].offload to none")
-                    else:
-                        continue
-                    if issue not in seen:
-                        seen.add(issue)
-                        self.add(*issue)
+                    issues = []
+                    if t in away:
+                        i, fields = away[t]
+                        issues = [(f"teachers[{i}].{f}",
+                                   f"teacher '{t}' cannot be {_PARTICIPLE[f]} ('{mode}') for {which}: "
+                                   f"it {why.format(_ARTICLE[f])}; set {f}: none, or use another method")
+                                  for f, mode in fields]
+                    elif t in view.published_before:
+                        issues = [(f"stages[{view.index}].methods[{k}].name",
+                                   f"{which} {why.format(_ARTICLE[f])}, and teacher '{t}' (published by an earlier "
+                                   f"stage) is {_PARTICIPLE[f]} ('{mode}', {_PUBLISHED[f]}); use another method, or "
+                                   f"set every teachers[].{f} to none")
+                                  for f, mode in published]
+                    for issue in issues:
+                        if issue not in seen:
+                            seen.add(issue)
+                            self.add(*issue)
+
+
+_PARTICIPLE = {"offload": "offloaded", "partition": "partitioned"}
+_ARTICLE = {"offload": "an offloaded", "partition": "a partitioned"}
+_PUBLISHED = {"offload": "the strongest offload of teachers[]",
+              "partition": "as some teacher of teachers[] is"}
 
 
 def check_config(raw: dict[str, Any], base_dir: Path, registry: MethodRegistry | None) -> list[ConfigIssue]:

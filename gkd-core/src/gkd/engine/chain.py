@@ -126,7 +126,9 @@ def link_fingerprint(run: RunConfig, index: int, labels: list[str] | None, data_
         "task": dataclasses.asdict(run.task),
         "seed": run.seed,
         "labels": labels,
-        "parallel": dataclasses.asdict(run.parallel) | {"data_parallel": data_parallel},
+        # The data-parallel size the link ran with (not the config's "auto"); timeout_s changes no result.
+        "parallel": {k: v for k, v in dataclasses.asdict(run.parallel).items() if k != "timeout_s"}
+        | {"data_parallel": data_parallel},
         "teachers": teachers,
         "sources": sources,
         "data": {str(d.path): content_sha256(d.path) for d in dict.fromkeys(data)},

@@ -62,6 +62,17 @@ from gkd.plugins.registry import MethodRegistry
 _UNSET: Any = object()
 
 
+def _on_rank_zero(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """``echo`` on global rank 0; nothing on the other ranks (asked at each call: the process
+    group may not exist yet when the trainer is made)."""
+
+    def say(line: str) -> None:
+        if parallel.is_global_rank_zero():
+            echo(line)
+
+    return say
+
+
 class Trainer:
     """Run every stage of ``run``.
 
@@ -71,14 +82,15 @@ class Trainer:
         progress: Show a progress bar (default: ``logging.progress`` when standard error is a terminal).
         stop_after: Stop (with a checkpoint) once this global step is reached — for tests and
             for splitting a long run into jobs; the next run resumes.
-        echo: Where human-readable lines go.
+        echo: Where human-readable lines go; called on global rank 0 only (under a launcher
+            every rank runs the trainer, one of them reports).
     """
 
     def __init__(self, run: RunConfig, registry: MethodRegistry, *, progress: bool | None = None,
                  stop_after: int | None = None, echo: Callable[[str], None] = print) -> None:
         self.run = run
         self.registry = registry
-        self.echo = echo
+        self.echo = _on_rank_zero(echo)
         self.stop_after = stop_after
         self.progress_bar = progress_bar_wanted(progress, run.logging.progress)
         self._reusable: Any = _UNSET
@@ -87,7 +99,10 @@ class Trainer:
         """Run all stages (resuming from the latest checkpoint when there is one, else reusing the
         finished links of a teacher-assistant chain); return the summary."""
         run = self.run
-        parallel.ensure_initialized(tp=run.parallel.tensor_parallel, seed=run.seed)
+        # Under torchrun or the deepspeed launcher this joins the launched job; a layout that does
+        # not fit it fails here, on every rank alike.
+        parallel.ensure_initialized(tp=run.parallel.tensor_parallel, seed=run.seed,
+                                    data_parallel=run.parallel.expected_data_parallel, timeout_s=run.parallel.timeout_s)
         seed_everything(run.seed)
         assets = RunAssets(run, Placement.for_this_process())
         run.run_dir.mkdir(parents=True, exist_ok=True)
