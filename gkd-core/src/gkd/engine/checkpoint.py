@@ -1,24 +1,33 @@
 """Crash-safe checkpoints made only of safetensors and JSON (nothing is ever unpickled).
 
-Layout of one checkpoint, ``<run_dir>/checkpoints/step-<global_step:08d>/``:
+Layout of one checkpoint, ``<run_dir>/checkpoints/step-<global_step:08d>/`` (format 2):
 
 ===========================  ===========================================================
-``model.safetensors``        student (or trained model) weights
-``auxiliary.safetensors``    trainable method parameters (the auxiliary model)
-``optimizer.safetensors``    every tensor of the optimizer state (``state.<id>.<name>``)
-``optimizer.json``           the rest of it: param groups, python numbers, structure
+``model.safetensors``        student (or trained model) weights: full tensors in the TP=1
+                             layout, by state-dict name (fp32 masters where DeepSpeed keeps them)
+``auxiliary.safetensors``    trainable method parameters (the auxiliary model), likewise
+``optimizer.safetensors``    per-element optimizer state, full tensors ``<key>.<param>``:
+                             ``exp_avg.model.<name>``, ``exp_avg_sq.auxiliary.<name>``
+``optimizer.json``           step counts by parameter, state keys, param groups' hyper-parameters
 ``scheduler.json``           LR scheduler state
-``rng.safetensors``          torch CPU/CUDA, numpy and python RNG states
+``rng.safetensors``          every rank's torch CPU/CUDA, numpy, python and megatron RNG states
 ``state.json``               :class:`CheckpointState` (steps, data position, method states,
                              metrics, teacher hashes)
 ``config.json``              the fully defaulted run config, when given
-``COMPLETE``                 written last: format version and every file's size
+``COMPLETE``                 written last: format version, every file's size, the writing layout
 ===========================  ===========================================================
+
+The files are the same whatever the layout that wrote them (tensor parallelism, data
+parallelism, ZeRO stage, offload; :mod:`gkd.parallel.fullstate` gathers and cuts), so a
+checkpoint resumes under another layout. Saving and loading are collective under a
+multi-process job: every rank takes part, global rank 0 alone writes, every rank reads.
 
 A checkpoint is written into ``step-<n>.tmp-<pid>``, every file and the directory are
 fsynced, and only then is it renamed to its final name; ``latest`` (a pointer for people and
 tools) is replaced atomically afterwards. A crash at any point leaves the previous checkpoint
 intact, and :func:`find_latest` only considers directories with a ``COMPLETE`` marker.
+Format 1 checkpoints (older gkd: the writing rank's tensors, optimizer state by parameter
+index) are still read when they fit.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gkd.atomic import atomic_write_bytes, fsync_dir
@@ -44,14 +55,17 @@ from gkd.engine.serialize import (
     capture_rng_state,
     decode_state,
     encode_state,
-    flatten_optimizer_state,
     load_tensors,
+    open_tensors,
     read_json,
     restore_rng_state,
     unflatten_optimizer_state,
     write_json,
     write_safetensors,
 )
+from gkd.parallel import fullstate, zero
+from gkd.parallel import state as pstate
+from gkd.parallel.rng import megatron_rng_states, restore_megatron_rng
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -116,20 +130,6 @@ def find_latest(run_dir: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def _empty_extra_states(module: nn.Module) -> dict[str, None]:
-    """``*._extra_state`` entries that are None (megatron's local linear layers declare one)."""
-    return {k: None for k, v in module.state_dict().items() if k.endswith("._extra_state") and v is None}
-
-
-def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
-    if obj is None:
-        return {}
-    if isinstance(obj, nn.Module):
-        # Empty extra states carry nothing; they are re-supplied on load.
-        return {k: v for k, v in obj.state_dict().items() if v is not None}
-    return obj
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -146,19 +146,57 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _gather_weights(obj: nn.Module | Mapping[str, torch.Tensor] | None, *, keep: bool,
+                    partitioned: bool) -> dict[str, torch.Tensor]:
+    if obj is None:
+        return {}
+    if isinstance(obj, nn.Module):
+        return fullstate.gather_module(obj, keep=keep, partitioned=partitioned)
+    return dict(obj)  # a state dict given as it is to be stored
+
+
+def _gather_rng(*, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every rank's RNG streams (collective): tensors ``<rank>.<stream>`` and their JSON."""
+    tensors, meta = capture_rng_state()
+    layout = fullstate.layout()
+    streams = megatron_rng_states() if pstate.is_initialized() else {}
+    tensors |= {f"megatron.{k}": torch.tensor(v, dtype=torch.uint8) for k, v in streams.items()}
+    meta |= {"tensor_parallel": layout["tensor_parallel"], "tp_rank": layout["tp_rank"], "megatron": sorted(streams)}
+    blobs = fullstate.all_gather_bytes(safetensors.torch.save(tensors))
+    metas = fullstate.all_gather_bytes(json.dumps(meta).encode())
+    if not keep:
+        return {}, {}
+    out = {f"{r}.{k}": v for r, blob in enumerate(blobs) for k, v in safetensors.torch.load(blob).items()}
+    return out, {"ranks": [json.loads(m) for m in metas]}
+
+
+def _rank_zero_succeeded(ok: bool) -> bool:
+    """Whether the writer (global rank 0) succeeded, on every rank (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
 def save_checkpoint(run_dir: Path, state: CheckpointState, *, model: nn.Module | Mapping[str, torch.Tensor],
                     auxiliary: nn.Module | Mapping[str, torch.Tensor] | None = None,
-                    optimizer: torch.optim.Optimizer | None = None,
+                    optimizer: Any | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     config: Mapping[str, Any] | None = None, keep_last: int | None = None) -> Path:
     """Write a checkpoint atomically, point ``latest`` at it and prune old ones.
 
+    Collective in a multi-process job: every rank calls it with its own part of the models and
+    optimizer; the full tensors are gathered to global rank 0, which alone writes; every rank
+    returns once the checkpoint is complete (or raises when rank 0 could not write it).
+
     Args:
         run_dir: The run directory (checkpoints go to ``<run_dir>/checkpoints``).
         state: Steps, data position, method states, metrics and teacher hashes.
-        model: The trained model or its state dict.
+        model: The trained model, or a state dict of full tensors.
         auxiliary: Method parameters (module or state dict).
-        optimizer: Its full state is saved when given.
+        optimizer: Its state is saved when given: a torch optimizer, or the one DeepSpeed
+            returned (ZeRO 1-3 included); its parameters must belong to ``model``/``auxiliary``.
         scheduler: Its state is saved when given.
         config: The run config, saved as ``config.json``.
         keep_last: Keep only this many complete checkpoints (the new one always survives).
@@ -169,34 +207,67 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, *, model: nn.Module |
     Raises:
         CheckpointError: A state that cannot be stored (e.g. non-JSON method state).
     """
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        state_json = json.loads(json.dumps(state.to_dict()))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint state is not JSON-serialisable ({e}); method states must be "
+                              f"plain JSON") from None
+    writer = fullstate.rank() == 0
+    partitioned = optimizer is not None and zero.partitioned_kind(optimizer) is not None
+    weights = _gather_weights(model, keep=writer, partitioned=partitioned)
+    aux = _gather_weights(auxiliary, keep=writer, partitioned=partitioned)
+    opt: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    if optimizer is not None:
+        modules = [m if isinstance(m, nn.Module) else None for m in (model, auxiliary)]
+        try:
+            opt = fullstate.gather_optimizer(optimizer, fullstate.qualified_parameters(*modules),
+                                             fullstate.qualified_rules(*modules), keep=writer)
+        except ValueError as e:
+            raise CheckpointError(f"cannot save the optimizer state: {e}") from None
+    rng_tensors, rng_meta = _gather_rng(keep=writer)
     final = checkpoint_dir(run_dir, state.global_step)
+    layout = {k: v for k, v in fullstate.layout().items() if k != "tp_rank"} | {
+        "optimizer": type(optimizer).__name__ if optimizer is not None else None}
+    error: BaseException | None = None
+    if writer:
+        try:
+            _write(Path(run_dir), final, state_json, weights, aux, opt, scheduler, (rng_tensors, rng_meta), config,
+                   layout, keep_last)
+        except BaseException as e:  # the other ranks must hear of it before rank 0 raises
+            error = e
+    if not _rank_zero_succeeded(error is None):
+        if error is not None:
+            raise error
+        raise CheckpointError(f"global rank 0 could not write the checkpoint {final} (see its error)")
+    return final
+
+
+def _write(run_dir: Path, final: Path, state: dict[str, Any], weights: Mapping[str, torch.Tensor],
+           aux: Mapping[str, torch.Tensor], opt: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+           scheduler: Any, rng: tuple[dict[str, torch.Tensor], dict[str, Any]], config: Mapping[str, Any] | None,
+           layout: dict[str, Any], keep_last: int | None) -> None:
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     old = root / f"{final.name}.old-{os.getpid()}"
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_safetensors(tmp / "model.safetensors", _state_dict(model))
-        write_safetensors(tmp / "auxiliary.safetensors", _state_dict(auxiliary))
-        if optimizer is not None:
-            tensors, meta = flatten_optimizer_state(optimizer.state_dict())
-            write_safetensors(tmp / "optimizer.safetensors", tensors)
-            write_json(tmp / "optimizer.json", meta)
+        write_safetensors(tmp / "model.safetensors", weights)
+        write_safetensors(tmp / "auxiliary.safetensors", aux)
+        if opt is not None:
+            write_safetensors(tmp / "optimizer.safetensors", opt[0])
+            write_json(tmp / "optimizer.json", {"format": FORMAT_VERSION, **opt[1]})
         if scheduler is not None:
             write_json(tmp / "scheduler.json", encode_state(scheduler.state_dict(), "scheduler", None))
-        rng_tensors, rng_meta = capture_rng_state()
-        write_safetensors(tmp / "rng.safetensors", rng_tensors, {_RNG_META: json.dumps(rng_meta)})
-        try:
-            write_json(tmp / "state.json", state.to_dict())
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint state is not JSON-serialisable ({e}); method states must be "
-                                  f"plain JSON") from None
+        write_safetensors(tmp / "rng.safetensors", rng[0], {_RNG_META: json.dumps(rng[1])})
+        write_json(tmp / "state.json", state)
         if config is not None:
             write_json(tmp / "config.json", dict(config))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        write_json(tmp / COMPLETE, {"format": FORMAT_VERSION, "global_step": state.global_step, "files": files})
+        write_json(tmp / COMPLETE, {"format": FORMAT_VERSION, "global_step": state["global_step"], "files": files,
+                                    "layout": layout})
         fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. at the end of a resumed stage)
             os.rename(final, old)
@@ -213,7 +284,6 @@ def save_checkpoint(run_dir: Path, state: CheckpointState, *, model: nn.Module |
     _clean_leftovers(root)
     if keep_last is not None:
         prune_checkpoints(run_dir, keep_last, protect=final)
-    return final
 
 
 def _clean_leftovers(root: Path) -> None:
@@ -236,28 +306,79 @@ def prune_checkpoints(run_dir: Path, keep_last: int, protect: Path | None = None
     return removed
 
 
-def _load_module(module: nn.Module, path: Path, strict: bool) -> None:
-    tensors, _ = load_tensors(path)
-    try:
-        module.load_state_dict({**_empty_extra_states(module), **tensors}, strict=strict)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit the model: {e}") from None
+def _load_module(module: nn.Module, path: Path, strict: bool, partitioned: bool) -> None:
+    with open_tensors(path) as (names, read):
+        try:
+            fullstate.load_module(module, read, names, strict=strict, partitioned=partitioned)
+        except ValueError as e:
+            raise CheckpointError(f"{path} does not fit the model: {e}") from None
+
+
+def _load_optimizer(path: Path, fmt: int, optimizer: Any, model: nn.Module | None,
+                    auxiliary: nn.Module | None) -> None:
+    if not (path / "optimizer.json").is_file():
+        raise CheckpointError(f"{path} holds no optimizer state" + (
+            " (an older gkd did not save it under ZeRO 1-3); set checkpoint.resume: false to start over"
+            if fmt < 2 else ""))
+    meta = read_json(path / "optimizer.json")
+    if fmt < 2:  # by parameter index: only into the same plain optimizer
+        if zero.partitioned_kind(optimizer) is not None:
+            raise CheckpointError(f"{path} (checkpoint format {fmt}) holds optimizer state that only a ZeRO stage 0 "
+                                  "run can read")
+        tensors, _ = load_tensors(path / "optimizer.safetensors")
+        try:
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e})") from None
+        return
+    if model is None and auxiliary is None:
+        raise CheckpointError("loading optimizer state needs the model (its parameter names)")
+    with open_tensors(path / "optimizer.safetensors") as (_, read):
+        try:
+            fullstate.load_optimizer(optimizer, fullstate.qualified_parameters(model, auxiliary),
+                                     fullstate.qualified_rules(model, auxiliary), read, meta)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e})") from None
+
+
+def _restore_rng(path: Path, fmt: int, state: Mapping[str, Any]) -> None:
+    tensors, meta = load_tensors(path / "rng.safetensors")
+    saved = json.loads(meta[_RNG_META])
+    if fmt < 2:  # one stream set for every rank; megatron's in state.json
+        restore_rng_state(tensors, saved)
+        restore_megatron_rng(state.get("extra", {}).get("megatron_rng", {}))
+        return
+    ranks = saved["ranks"]
+    rank = fullstate.rank()
+    src = rank if rank < len(ranks) else 0
+    mine = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(src)}
+    restore_rng_state(mine, ranks[src])
+    here = fullstate.layout()
+    # megatron's streams differ between TP ranks: only a rank of the same TP position continues one.
+    if (ranks[src]["tensor_parallel"], ranks[src]["tp_rank"]) == (here["tensor_parallel"], here["tp_rank"]):
+        restore_megatron_rng({k: mine[f"megatron.{k}"].tolist() for k in ranks[src]["megatron"]})
 
 
 def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None,
+                    optimizer: Any | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     restore_rng: bool = True, strict: bool = True) -> CheckpointState:
     """Restore what is given from a checkpoint directory, using only safetensors and JSON.
+
+    Every rank reads the files and keeps its own part, in its own layout (which may differ
+    from the writer's); collective when DeepSpeed partitions the weights (ZeRO-3).
 
     Args:
         path: A complete checkpoint directory (e.g. from :func:`find_latest`).
         model: Receives ``model.safetensors``.
         auxiliary: Receives ``auxiliary.safetensors``.
-        optimizer: Receives the optimizer state (build it over the same parameters first).
+        optimizer: Receives the optimizer state (a torch optimizer or DeepSpeed's, built over
+            the parameters of ``model`` and ``auxiliary``; under DeepSpeed pass it so that
+            the fp32 master weights are set too).
         scheduler: Receives the scheduler state.
-        restore_rng: Also restore the torch/numpy/python RNG states.
-        strict: Passed to ``load_state_dict`` of model and auxiliary.
+        restore_rng: Also restore the torch/numpy/python/megatron RNG states (rank ``r`` takes
+            the streams rank ``r`` saved; megatron's only under the same TP position).
+        strict: Refuse missing or unexpected weights (as ``load_state_dict``).
 
     Returns:
         The saved :class:`CheckpointState`.
@@ -269,7 +390,8 @@ def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or state.json)")
     marker = read_json(path / COMPLETE)
-    if int(marker.get("format", 0)) > FORMAT_VERSION:
+    fmt = int(marker.get("format", 0))
+    if fmt > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer gkd (checkpoint format {marker['format']}, "
                               f"this one reads up to {FORMAT_VERSION})")
     for name, size in marker.get("files", {}).items():
@@ -277,24 +399,25 @@ def load_checkpoint(path: Path, *, model: nn.Module | None = None, auxiliary: nn
         if actual != size:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} has "
                                   f"{'no file' if actual is None else f'{actual} bytes'}, expected {size} bytes")
+    partitioned = optimizer is not None and zero.partitioned_kind(optimizer) is not None
     if model is not None:
-        _load_module(model, path / "model.safetensors", strict)
+        _load_module(model, path / "model.safetensors", strict, partitioned)
     if auxiliary is not None:
-        _load_module(auxiliary, path / "auxiliary.safetensors", strict)
+        _load_module(auxiliary, path / "auxiliary.safetensors", strict, partitioned)
     if optimizer is not None:
-        if not (path / "optimizer.json").is_file():
-            raise CheckpointError(f"{path} holds no optimizer state")
-        tensors, _ = load_tensors(path / "optimizer.safetensors")
-        try:
-            optimizer.load_state_dict(unflatten_optimizer_state(tensors, read_json(path / "optimizer.json")))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({e})") from None
+        _load_optimizer(path, fmt, optimizer, model, auxiliary)
     if scheduler is not None:
         if not (path / "scheduler.json").is_file():
             raise CheckpointError(f"{path} holds no scheduler state")
         scheduler.load_state_dict(decode_state(read_json(path / "scheduler.json"), {}))
+    state = read_json(path / "state.json")
     if restore_rng:
-        tensors, meta = load_tensors(path / "rng.safetensors")
-        restore_rng_state(tensors, json.loads(meta[_RNG_META]))
-    return CheckpointState.from_dict(read_json(path / "state.json"))
+        _restore_rng(path, fmt, state)
+    return CheckpointState.from_dict(state)
 
+
+def checkpoint_layout(path: Path) -> dict[str, Any]:
+    """The layout that wrote a checkpoint (``world_size``, ``tensor_parallel``, ``data_parallel``,
+    ``optimizer``: the class holding the optimizer state, e.g. ``DeepSpeedZeroOptimizer_Stage3``);
+    empty for format 1."""
+    return dict(read_json(Path(path) / COMPLETE).get("layout", {}))

@@ -21,14 +21,13 @@ from gkd.engine.evaluate import Evaluation, evaluate
 from gkd.engine.fingerprint import teacher_references
 from gkd.engine.metrics import MetricsLogger
 from gkd.engine.progress import StageProgress
-from gkd.engine.resume import ResumePoint, restore_training
+from gkd.engine.resume import ResumePoint, data_position, restore_training
 from gkd.engine.schedule import build_scheduler
 from gkd.engine.step import SelectedMethod, distill_step, step_context
 from gkd.errors import GkdError
 from gkd.parallel.comm import mean_over_dp
 from gkd.parallel.placement import Placement
-from gkd.parallel.rng import megatron_rng_states
-from gkd.parallel.zero import deepspeed_config, initialize_engine
+from gkd.parallel.zero import deepspeed_config, drop_stale_gradients, initialize_engine
 
 _LOSS = "\x00loss"  # the total, carried with the terms through one DP reduction
 
@@ -65,31 +64,22 @@ class Checkpointer:
     """The teachers' current directories (fine-tuned and published ones included)."""
     labels: Callable[[], list[str] | None]
 
-    @property
-    def saves_optimizer(self) -> bool:
-        # ZeRO 1-3 partition the optimizer state inside DeepSpeed objects that gkd does not
-        # serialise yet (DeepSpeed's own format pickles); ZeRO 0 holds it in the torch optimizer.
-        return self.run.parallel.zero.stage == 0
-
     def due(self, global_step: int) -> bool:
         every = self.run.checkpoint.every_steps
         return bool(every) and global_step % every == 0
 
     def save(self, stage_index: int, stage_iteration: int, global_step: int, *, model: nn.Module, auxiliary: nn.Module,
              optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod]) -> None:
+        """Save a checkpoint; collective (every rank calls it, global rank 0 writes)."""
         paths = self.teacher_paths()
         state = ckpt.CheckpointState(
             global_step=global_step, stage_index=stage_index, stage_iteration=stage_iteration,
-            data_position=iterator.state_dict(), method_states={n: s.state for n, s in methods.items()},
+            data_position=data_position(iterator), method_states={n: s.state for n, s in methods.items()},
             teachers=teacher_references(paths),
-            extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "megatron_rng": megatron_rng_states(),
-                   "labels": self.labels(), "optimizer_saved": self.saves_optimizer},
+            extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "labels": self.labels()},
         )
-        if parallel.is_global_rank_zero():  # interim: one writer; full-layout checkpoints are being built (issue 11)
-            ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary,
-                                 optimizer=optimizer if self.saves_optimizer else None, scheduler=scheduler,
-                                 config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
-        parallel.barrier()
+        ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
+                             scheduler=scheduler, config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
 
 
 @dataclass
@@ -148,11 +138,9 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
         ds_config)
     start = 0
     if resume is not None:
-        if not resume.optimizer_saved:
-            io.echo(f"[{stage.name}] the checkpoint holds no optimizer state (ZeRO stage {run.parallel.zero.stage}): "
-                    f"Adam moments restart at step {resume.state.stage_iteration}")
         start = restore_training(resume, model=job.model, auxiliary=auxiliary, optimizer=optimizer,
-                                 scheduler=scheduler, iterator=iterator, methods=job.methods)
+                                 scheduler=scheduler, iterator=iterator, methods=job.methods,
+                                 echo=lambda line: io.echo(f"[{stage.name}] {line}"))
     job.model.train()
     shown = StageProgress(total=total, start=start, desc=f"[{job.index + 1}/{len(run.stages)}] {stage.name}",
                           bar=io.progress_bar and parallel.is_global_rank_zero(),
@@ -170,6 +158,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                 loss_value += float(result.loss.detach()) / training.grad_accum
                 for k, v in result.terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / training.grad_accum
+            drop_stale_gradients(optimizer)
             # One value per step for the whole (data-parallel) batch, the same on every rank.
             sums = mean_over_dp(sums | {_LOSS: loss_value})
             loss_value = sums.pop(_LOSS)

@@ -2,9 +2,18 @@
 
 A run resumes from the newest complete checkpoint in its ``run_dir`` unless
 ``checkpoint.resume`` is false (then old checkpoints are removed). It refuses a checkpoint
-written by a different config (sections in :data:`RESUME_INDEPENDENT` and `teachers[].offload` may change; so may stages
-the checkpoint had not reached, and a chain may start over after its finished links, see
-:func:`find_resume_point`) or with teachers whose weights changed since.
+written by a different config (sections in :data:`RESUME_INDEPENDENT`, ``teachers[].offload`` and
+``teachers[].partition`` may change; so may stages the checkpoint had not reached, and a chain
+may start over after its finished links, see :func:`find_resume_point`) or with teachers whose
+weights changed since.
+
+The ``parallel`` section may change: checkpoints hold full tensors (:mod:`gkd.engine.checkpoint`),
+so a run written under TP=2 or DP=2 with ZeRO-k continues under TP=1 or DP=1 with the same weights
+and optimizer moments. When the data-parallel size changes, the data position is carried over in
+examples (:func:`translate_data_position`): the union of the DP ranks' micro-batches of a step is
+a contiguous slice of the epoch's order, so the run continues with the next unseen example. With
+``training.batch_size`` per rank unchanged, the global batch changes with the number of ranks;
+the run says so and continues.
 """
 
 from __future__ import annotations
@@ -18,16 +27,18 @@ from typing import Any
 
 from torch import nn
 
+from gkd import parallel
 from gkd.config.run import RunConfig
 from gkd.engine import checkpoint as ckpt
-from gkd.engine.data import BatchIterator
+from gkd.engine.data import BatchIterator, epoch_batches
 from gkd.engine.fingerprint import teacher_references, verify_teachers
 from gkd.engine.step import SelectedMethod
 from gkd.errors import GkdError
-from gkd.parallel.rng import restore_megatron_rng
+from gkd.parallel import fullstate
 
-RESUME_INDEPENDENT = ("logging", "checkpoint", "export")
-"""Config sections that may change between a run and its resumption."""
+RESUME_INDEPENDENT = ("logging", "checkpoint", "export", "parallel")
+"""Config sections that may change between a run and its resumption (``parallel``: how the run is
+laid out over processes, not what it computes)."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,56 @@ class ResumePoint:
         return {k: Path(v) for k, v in self.state.extra.get("teacher_paths", {}).items()}
 
     @property
-    def optimizer_saved(self) -> bool:
-        return bool(self.state.extra.get("optimizer_saved", True))
+    def layout(self) -> dict[str, Any]:
+        """The writing job's ``world_size``, ``tensor_parallel`` and ``data_parallel`` (empty for
+        checkpoint format 1)."""
+        return ckpt.checkpoint_layout(self.path)
+
+
+def describe_layout(tensor_parallel: int, data_parallel: int, zero: Mapping[str, Any] | None) -> str:
+    """``TP=2 × DP=1, ZeRO 2 + optimizer offload`` (for messages)."""
+    zero = zero or {}
+    offload = [what for what in ("optimizer", "param") if zero.get(f"offload_{what}")]
+    extra = "".join(f" + {what} offload" for what in offload)
+    return f"TP={tensor_parallel} × DP={data_parallel}, ZeRO {zero.get('stage', 0)}{extra}"
+
+
+def data_position(iterator: BatchIterator) -> dict[str, Any]:
+    """``iterator.state_dict()`` plus ``examples``: how many examples of the current epoch's
+    order all data-parallel ranks together have taken (what a resumed run under another
+    data-parallel size continues after)."""
+    state: dict[str, Any] = dict(iterator.state_dict())
+    taken = state["index"] * state["batch_size"] * state["world_size"]
+    return state | {"examples": min(taken, state["num_examples"])}
+
+
+def translate_data_position(saved: Mapping[str, Any], iterator: BatchIterator) -> tuple[dict[str, Any], str | None]:
+    """A saved data position for ``iterator``'s data-parallel size, and a line saying what changed.
+
+    Data-parallel rank r takes every d-th example of the epoch's order, so the ranks' micro-batches
+    of step i together are the slice ``[i·B·d, (i+1)·B·d)`` of it (B: micro-batch per rank): a
+    position is a number of examples, valid under any size whose ``B·d`` divides it.
+
+    Raises:
+        GkdError: The position falls inside a step of the new layout (one line).
+    """
+    current, before = iterator.world_size, int(saved.get("world_size", iterator.world_size))
+    if before == current:
+        return dict(saved), None
+    size, epoch, index = int(saved["batch_size"]), int(saved["epoch"]), int(saved["index"])
+    taken = index * size * before
+    if index >= epoch_batches(int(saved["num_examples"]), size, world_size=before, drop_last=iterator.drop_last):
+        moved = iterator.batches_per_epoch  # the epoch was finished: so it is in the new layout
+    elif taken % (size * current):
+        raise GkdError(f"cannot continue the data position under data-parallel size {current}: the checkpoint had "
+                       f"taken {taken} examples of epoch {epoch}, not a multiple of {size * current} (training."
+                       f"batch_size {size} × {current} ranks); resume with data-parallel size {before}")
+    else:
+        moved = taken // (size * current)
+    line = (f"data-parallel size {before} → {current}: the data continues after example {min(taken, int(saved['num_examples']))} "
+            f"of epoch {epoch}; with training.batch_size {size} per rank a micro-step now takes {size * current} "
+            f"examples instead of {size * before}")
+    return dict(saved) | {"index": moved, "world_size": current}, line
 
 
 def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
@@ -53,8 +112,8 @@ def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
         for key in sorted(set(saved) | set(current)):
             if not path and key in RESUME_INDEPENDENT:
                 continue
-            if key == "offload" and path.startswith("teachers["):
-                continue  # where a frozen teacher waits between forwards does not change any result
+            if key in ("offload", "partition") and path.startswith("teachers["):
+                continue  # where a frozen teacher's weights wait between forwards does not change any result
             sub = f"{path}.{key}" if path else str(key)
             if key not in saved or key not in current:
                 out.append(sub)
@@ -82,6 +141,14 @@ def first_changed_stage(saved: Any, current: Any) -> int | None:
     return min(len(a), len(b)) if len(a) != len(b) else None
 
 
+def _remove_checkpoints(path: Path) -> None:
+    """Remove a run's checkpoints once, after every rank has looked at them (ranks decide alike)."""
+    parallel.barrier()
+    if parallel.is_global_rank_zero():
+        shutil.rmtree(path, ignore_errors=True)
+    parallel.barrier()
+
+
 def find_resume_point(run: RunConfig, echo: Callable[[str], None],
                       may_start_over: Callable[[int], bool] | None = None) -> ResumePoint | None:
     """The checkpoint to continue from, or None to start from the beginning.
@@ -99,7 +166,7 @@ def find_resume_point(run: RunConfig, echo: Callable[[str], None],
     if not run.checkpoint.resume:
         if checkpoints.exists():  # starting over: older steps must not mix with the new ones
             echo(f"checkpoint.resume is false: removing the old checkpoints in {checkpoints}")
-            shutil.rmtree(checkpoints)
+            _remove_checkpoints(checkpoints)
         return None
     path = ckpt.find_latest(run.run_dir)
     if path is None:
@@ -116,7 +183,7 @@ def find_resume_point(run: RunConfig, echo: Callable[[str], None],
         elif first is not None and may_start_over is not None and may_start_over(first):
             echo(f"stages[{first}] changed since the checkpoints ({listed}): starting over from the finished "
                  f"teacher-assistant links before it; removing the old checkpoints in {checkpoints}")
-            shutil.rmtree(checkpoints)
+            _remove_checkpoints(checkpoints)
             return None
         else:
             raise GkdError(
@@ -125,17 +192,30 @@ def find_resume_point(run: RunConfig, echo: Callable[[str], None],
                 "links are still reused)"
             )
     verify_teachers(point.state.teachers, teacher_references(point.teacher_paths))
+    before, now = point.layout, fullstate.layout()
+    if before and (before["tensor_parallel"], before["data_parallel"]) != (now["tensor_parallel"], now["data_parallel"]):
+        was = describe_layout(before["tensor_parallel"], before["data_parallel"], saved.get("parallel", {}).get("zero"))
+        is_ = describe_layout(now["tensor_parallel"], now["data_parallel"], run.raw.get("parallel", {}).get("zero"))
+        echo(f"the checkpoint was written under {was}; continuing under {is_} with the same weights and optimizer state")
     return point
 
 
 def restore_training(point: ResumePoint, *, model: nn.Module, auxiliary: nn.Module, optimizer: Any, scheduler: Any,
-                     iterator: BatchIterator, methods: Mapping[str, SelectedMethod]) -> int:
-    """Load a mid-stage checkpoint into the stage's objects; returns the stage iteration to continue at."""
-    saved = point.optimizer_saved
-    ckpt.load_checkpoint(point.path, model=model, auxiliary=auxiliary, optimizer=optimizer if saved else None,
-                         scheduler=scheduler, restore_rng=True)
-    restore_megatron_rng(point.state.extra.get("megatron_rng", {}))
-    iterator.load_state_dict(point.state.data_position)
+                     iterator: BatchIterator, methods: Mapping[str, SelectedMethod],
+                     echo: Callable[[str], None] | None = None) -> int:
+    """Load a mid-stage checkpoint into the stage's objects (collective: every rank, its own part);
+    returns the stage iteration to continue at.
+
+    Raises:
+        CheckpointError: The checkpoint does not fit the models or optimizer.
+        GkdError: The data position cannot be carried over to this data-parallel size.
+    """
+    position, line = translate_data_position(point.state.data_position, iterator)
+    ckpt.load_checkpoint(point.path, model=model, auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
+                         restore_rng=True)
+    iterator.load_state_dict(position)
+    if line is not None and echo is not None:
+        echo(line)
     for name, sel in methods.items():
         sel.state = dict(point.state.method_states.get(name, sel.state))
     return point.state.stage_iteration
@@ -144,8 +224,8 @@ def restore_training(point: ResumePoint, *, model: nn.Module, auxiliary: nn.Modu
 def restore_finished_stage(point: ResumePoint, student: nn.Module) -> None:
     """A checkpoint taken at the end of its stage: the student's weights and every RNG stream."""
     ckpt.load_checkpoint(point.path, model=student, restore_rng=True, strict=True)
-    restore_megatron_rng(point.state.extra.get("megatron_rng", {}))
 
 
-__all__ = ["RESUME_INDEPENDENT", "ResumePoint", "config_differences", "find_resume_point", "first_changed_stage",
-           "restore_finished_stage", "restore_training"]
+__all__ = ["RESUME_INDEPENDENT", "ResumePoint", "config_differences", "data_position", "describe_layout",
+           "find_resume_point", "first_changed_stage", "restore_finished_stage", "restore_training",
+           "translate_data_position"]

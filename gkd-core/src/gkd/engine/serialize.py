@@ -6,23 +6,26 @@ tensors (safetensors) and a JSON skeleton; RNG states become uint8 tensors plus 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gkd.atomic import atomic_write
 from gkd.errors import GkdError
 
-FORMAT_VERSION = 1
-"""Version of gkd's checkpoint layout (written into every file set)."""
+FORMAT_VERSION = 2
+"""Version of gkd's checkpoint layout (written into every file set). 2: full tensors in the TP=1
+layout under every parallel layout, optimizer state by parameter name, RNG streams per rank;
+1: the writing rank's tensors, optimizer state by parameter index (still read)."""
 _ALIASES = "gkd.aliases"
 _RNG_META = "gkd.rng"
 
@@ -89,11 +92,31 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
     for alias, name in json.loads(meta.pop(_ALIASES, "{}")).items():
         tensors[alias] = tensors[name]
     return tensors, meta
+
+
+@contextlib.contextmanager
+def open_tensors(path: Path) -> Iterator[tuple[set[str], Callable[[str], torch.Tensor]]]:
+    """The names in a safetensors file (tied names included) and a reader of one tensor at a
+    time, so that a rank loads only what it is about to use; no pickle involved."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(safe_open(str(path), framework="pt"))
+            aliases = json.loads((f.metadata() or {}).get(_ALIASES, "{}"))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+        def read(name: str) -> torch.Tensor:
+            try:
+                return f.get_tensor(aliases.get(name, name))
+            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                raise CheckpointError(f"{path}: cannot read {name} ({e})") from None
+
+        yield set(f.keys()) | set(aliases), read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +170,9 @@ def _hashable(key: Any) -> Any:
 
 
 def flatten_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an ``optimizer.state_dict()`` into tensors and a JSON-able rest.
+    """Split an ``optimizer.state_dict()`` into tensors and a JSON-able rest (checkpoint format 1,
+    whose optimizer state is keyed by parameter index; format 2 keys it by name, see
+    :func:`gkd.parallel.fullstate.gather_optimizer`).
 
     Args:
         state: The optimizer's state dict (``state`` keyed by parameter id, ``param_groups``).
