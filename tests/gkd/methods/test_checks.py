@@ -41,7 +41,7 @@ def test_pattern_grammar():
     assert problems == [
         "teacher feature 'layers.{i}.atention.scores': unknown layer role 'atention.scores'; "
         "did you mean 'layers.{i}.attention.scores'?",
-        "teacher feature 'hiden' is not a tap pattern (use embeddings, logits, pooled, final_norm or "
+        "teacher feature 'hiden' is not a tap pattern (use embeddings, logits, logits.vocab_shard, pooled, final_norm or "
         "layers.{i}.<role> with <role> in input, output, attention.query, attention.key, attention.value, "
         "attention.scores, attention.probs, attention.context, ffn.intermediate)",
         "student feature 'layers.x.output': the layer must be {i} or a layer number, not 'x'",

@@ -18,13 +18,15 @@ def _all_layer_features(i: int) -> set[str]:
 def test_tap_names_per_family(encoder_cfg, decoder_cfg) -> None:
     enc = build_model(encoder_cfg(head="mlm"))
     names = enc.tap_names()
-    assert len(names) == 1 + 2 * len(LAYER_ROLES) + 2
-    assert names[0] == "embeddings" and names[-2:] == ["pooled", "logits"]
+    assert len(names) == 1 + 2 * len(LAYER_ROLES) + 3
+    assert names[0] == "embeddings" and names[-3:] == ["pooled", "logits", "logits.vocab_shard"]
     assert "final_norm" not in names
     dec = build_model(decoder_cfg())
-    assert dec.tap_names()[-2:] == ["final_norm", "logits"] and "pooled" not in dec.tap_names()
+    assert dec.tap_names()[-3:] == ["final_norm", "logits", "logits.vocab_shard"] and "pooled" not in dec.tap_names()
     base = build_model(encoder_cfg(head="none", add_pooler=False))
     assert "logits" not in base.tap_names() and "pooled" not in base.tap_names()
+    assert "logits.vocab_shard" not in base.tap_names()
+    assert "logits.vocab_shard" not in build_model(encoder_cfg(head="classification")).tap_names()
 
 
 def test_unknown_names_raise_and_list_valid_ones(encoder_cfg) -> None:

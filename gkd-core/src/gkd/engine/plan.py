@@ -3,6 +3,11 @@
 A feature two methods ask for is extracted once and both receive the same tensor; each
 method's view contains only the names it requested. Operations at the same point of the
 same model are composed in method order (the order of the stage's ``methods`` list).
+
+Full-vocabulary logits are the default: every method sees ``ModelView.logits``. A method whose
+request for a model names ``logits.vocab_shard`` declares that it reads only that shard; when
+every method planning the model in a pass does so, the model skips the all-gather and its view
+has ``logits=None`` (the task loss then comes from the shards too).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass, field
 
 from gkd.methods.api import STUDENT, PassPlan
 from gkd.models.operations import compose
-from gkd.models.taps import Operation
+from gkd.models.taps import VOCAB_SHARD, Operation
 
 
 @dataclass
@@ -23,6 +28,15 @@ class ModelRequest:
     operations: dict[str, list[tuple[str, Operation]]] = field(default_factory=dict)
     """point → [(method name, operation), …] in method order."""
     grad: bool = False
+    full_logits: bool = False
+    """Some method planning this model reads its gathered ``logits`` (its request lacks ``logits.vocab_shard``)."""
+
+    def capture_features(self) -> set[str]:
+        """What the model records: the requested features, plus ``logits`` when the shard is
+        requested but some method still reads the full logits (so the gather runs)."""
+        if self.full_logits and VOCAB_SHARD in self.features:
+            return self.features | {"logits"}
+        return set(self.features)
 
     def composed_operations(self) -> dict[str, Operation]:
         """One callable per point: each method's operation applied to the previous one's result."""
@@ -45,6 +59,7 @@ def merge_plans(plans: Mapping[str, PassPlan], *, include_student: bool = True) 
             merged = requests.setdefault(model, ModelRequest())
             merged.features |= set(req.features)
             merged.grad = merged.grad or req.grad
+            merged.full_logits = merged.full_logits or VOCAB_SHARD not in req.features
             for point, op in req.operations.items():
                 merged.operations.setdefault(point, []).append((method, op))
     if STUDENT in requests:  # student first: teachers may need nothing from it, but ordering is stable

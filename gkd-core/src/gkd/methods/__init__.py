@@ -25,7 +25,8 @@ is documented where it is defined):
   :func:`soft_cross_entropy`, :func:`kl_between_distributions`, :func:`soft_loss`,
   :func:`soft_loss_per_example`, :func:`summary_token`,
   :func:`logits_mask`, :func:`attention_valid_mask`, :func:`task_loss`,
-  :func:`task_loss_per_example`;
+  :func:`task_loss_per_example`, and their vocabulary-parallel forms over ``logits.vocab_shard``
+  (:data:`VOCAB_SHARD`): :func:`vocab_parallel_soft_loss`, :func:`vocab_parallel_task_loss`, …;
 * layer maps — :func:`uniform_map`, :func:`stride_map`, :func:`random_map`, :func:`hidden_tap`;
 * tensor-parallel collectives for losses over sharded features — :func:`gather_heads`,
   :func:`gather_last_dim`, :func:`all_reduce_mean_over_tp`, … (``gkd.parallel.comm``), and
@@ -50,10 +51,11 @@ _OPERATIONS = ("add_perturbation", "compose", "replace_with", "swap_layers", "wr
 _LOSSES = ("SoftLoss", "attention_kl", "attention_valid_mask", "cosine_distance", "kl_between_distributions",
            "kl_divergence", "logits_mask", "masked_log_softmax", "mean_pool", "mse", "relation_log_softmax",
            "soft_cross_entropy", "soft_loss", "soft_loss_per_example", "summary_token", "task_loss",
-           "task_loss_per_example")
+           "task_loss_per_example", "vocab_parallel_kl_divergence", "vocab_parallel_soft_cross_entropy",
+           "vocab_parallel_soft_loss", "vocab_parallel_task_loss", "vocab_parallel_task_loss_per_example")
 _LAYERS = ("hidden_tap", "random_map", "stride_map", "uniform_map")
 _COMM = ("all_reduce_mean_over_tp", "all_reduce_sum_over_tp", "gather_along_dim", "gather_heads", "gather_last_dim",
-         "gather_over_dp", "shard_along_dim")
+         "gather_over_dp", "shard_along_dim", "vocab_parallel_cross_entropy", "vocab_parallel_soft_per_position")
 _STATE = ("tp_rank", "tp_world_size")
 
 _EXPORTS: dict[str, str] = {
@@ -63,12 +65,14 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(_OPERATIONS, "gkd.models.operations"),
     "Operation": "gkd.models.taps",
     "LAYERS_OPERATION": "gkd.models.taps",
+    "VOCAB_SHARD": "gkd.models.taps",
     **dict.fromkeys(_LOSSES, "gkd.methods.losses"),
     **dict.fromkeys(_LAYERS, "gkd.methods.layers"),
     **dict.fromkeys(_COMM, "gkd.parallel.comm"),
     **dict.fromkeys(_STATE, "gkd.parallel.state"),
     "GkdError": "gkd.errors",
     "hard_loss_claim": "gkd.methods.prediction",
+    "vocab_parallel_prediction": "gkd.methods.prediction",
     "prediction_issues": "gkd.methods.prediction",
     "prediction_terms": "gkd.methods.prediction",
     "hookimpl": "gkd.hookspecs",
@@ -91,6 +95,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "LAYERS_OPERATION",
     "STUDENT",
+    "VOCAB_SHARD",
     "FeatureIssue",
     "FeatureUse",
     "ForwardRequest",
@@ -156,6 +161,14 @@ __all__ = [
     "tp_world_size",
     "uniform_map",
     "validate_feature_patterns",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_kl_divergence",
+    "vocab_parallel_prediction",
+    "vocab_parallel_soft_cross_entropy",
+    "vocab_parallel_soft_loss",
+    "vocab_parallel_soft_per_position",
+    "vocab_parallel_task_loss",
+    "vocab_parallel_task_loss_per_example",
     "write_positions",
     "write_span",
 ]
@@ -204,8 +217,18 @@ if TYPE_CHECKING:
         summary_token,
         task_loss,
         task_loss_per_example,
+        vocab_parallel_kl_divergence,
+        vocab_parallel_soft_cross_entropy,
+        vocab_parallel_soft_loss,
+        vocab_parallel_task_loss,
+        vocab_parallel_task_loss_per_example,
     )
-    from gkd.methods.prediction import hard_loss_claim, prediction_issues, prediction_terms
+    from gkd.methods.prediction import (
+        hard_loss_claim,
+        prediction_issues,
+        prediction_terms,
+        vocab_parallel_prediction,
+    )
     from gkd.methods.spec import FeatureUse, MethodKind, MethodSpec, StageKind, load_schema
     from gkd.models.operations import (
         add_perturbation,
@@ -215,7 +238,7 @@ if TYPE_CHECKING:
         write_positions,
         write_span,
     )
-    from gkd.models.taps import LAYERS_OPERATION, Operation
+    from gkd.models.taps import LAYERS_OPERATION, VOCAB_SHARD, Operation
     from gkd.parallel.comm import (
         all_reduce_mean_over_tp,
         all_reduce_sum_over_tp,
@@ -224,6 +247,8 @@ if TYPE_CHECKING:
         gather_last_dim,
         gather_over_dp,
         shard_along_dim,
+        vocab_parallel_cross_entropy,
+        vocab_parallel_soft_per_position,
     )
     from gkd.parallel.state import tp_rank, tp_world_size
     from gkd.plugins.registry import MethodRegistrar

@@ -157,7 +157,9 @@ class ModelView:
 
     features: Mapping[str, torch.Tensor]
     logits: torch.Tensor | None
-    """``None`` for a model without a task head (a pre-trained teacher used for its features)."""
+    """``None`` for a model without a task head (a pre-trained teacher used for its features), and
+    when every method planning the model in this pass requested ``logits.vocab_shard`` (the
+    all-gather was skipped; the shard is in ``features``)."""
     task_loss: torch.Tensor | None = None
     """Task (hard) loss of this model on the batch, when labels exist: :func:`gkd.methods.losses.task_loss`
     (one mean over all labelled tokens of the batch; classification: over examples)."""

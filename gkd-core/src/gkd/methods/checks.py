@@ -7,7 +7,8 @@ from the checkpoints' ``config.json``. It reports a problem the user can fix as 
 
 Feature patterns (the grammar of :class:`~gkd.methods.spec.FeatureUse`):
 
-* ``embeddings``, ``logits``, ``pooled`` (encoders with a pooler), ``final_norm`` (decoders);
+* ``embeddings``, ``logits``, ``logits.vocab_shard`` (LM / MLM heads), ``pooled`` (encoders with a
+  pooler), ``final_norm`` (decoders);
 * ``layers.{i}.<role>`` — ``{i}`` is "layers the method chooses";
 * ``layers.<n>.<role>`` — one literal layer (0-based);
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from gkd.methods.api import MethodContext, ModelShape
     from gkd.methods.spec import FeatureUse, MethodSpec
 
-MODEL_TAPS: tuple[str, ...] = ("embeddings", "logits", "pooled", "final_norm")
+MODEL_TAPS: tuple[str, ...] = ("embeddings", "logits", "logits.vocab_shard", "pooled", "final_norm")
 """Tap names outside the layer stack."""
 
 _LAYER_RE = re.compile(r"^layers\.(\{i\}|0|[1-9][0-9]*)\.(.+)$")

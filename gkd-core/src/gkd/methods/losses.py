@@ -29,6 +29,16 @@ over every token whose label is not ``ignore_index``, the HF/Megatron convention
 and evaluation report the same quantity. :func:`task_loss_per_example` keeps one value per
 example (the mean over that example's labelled tokens), for methods that weight examples
 (MT-BERT). Both are what ``ModelView.task_loss`` / ``ModelView.task_loss_per_example`` hold.
+
+**Vocabulary-parallel variants.** Under tensor parallelism an LM / MLM head leaves each rank
+with a shard of the vocabulary, the feature ``logits.vocab_shard`` ``[b, s, w]`` (see
+:data:`gkd.models.taps.VOCAB_SHARD`). :func:`vocab_parallel_soft_loss`,
+:func:`vocab_parallel_soft_cross_entropy`, :func:`vocab_parallel_kl_divergence`,
+:func:`vocab_parallel_task_loss` and :func:`vocab_parallel_task_loss_per_example` take those
+shards and give, on every rank, the value of the function of the same name on the gathered
+logits (softmax over the whole vocabulary through three small all-reduces, padding entries
+``>= vocab_size`` excluded), so the ``[b, s, V]`` logits are never materialised. With one
+shard (TP=1, or no parallel state) they equal the plain losses on ``logits[..., :vocab_size]``.
 """
 
 from __future__ import annotations
@@ -38,8 +48,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from gkd.parallel.comm import vocab_parallel_cross_entropy, vocab_parallel_soft_per_position
+
 SoftLoss = Literal["kl", "ce", "mse"]
 """The prediction-layer soft losses of :func:`soft_loss`."""
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Logits in the precision their softmax runs in: fp32, or fp64 when given fp64 (reference checks)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -61,16 +78,16 @@ def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """``−Σ softmax(t/τ)·log_softmax(s/τ)`` over the last dim, averaged over positions (no τ²)."""
-    target = F.softmax(teacher_logits.float() / temperature, dim=-1)
-    per_pos = -(target * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(-1)
+    target = F.softmax(_wide(teacher_logits) / temperature, dim=-1)
+    per_pos = -(target * F.log_softmax(_wide(student_logits) / temperature, dim=-1)).sum(-1)
     return _masked_mean(per_pos, mask)
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                   mask: torch.Tensor | None = None, scale_by_t2: bool = True) -> torch.Tensor:
     """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` over the last dim, averaged over positions."""
-    t_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_log = F.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
+    s_log = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
     per_pos = (t_log.exp() * (t_log - s_log)).sum(-1)
     loss = _masked_mean(per_pos, mask)
     return loss * temperature**2 if scale_by_t2 else loss
@@ -140,7 +157,7 @@ def attention_valid_mask(attention_mask: torch.Tensor, causal: bool = False) -> 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy ``[b, s]`` (0 at ignored positions) and the labelled-token mask."""
-    per_tok = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none", ignore_index=ignore_index)
+    per_tok = F.cross_entropy(_wide(logits).transpose(1, 2), labels, reduction="none", ignore_index=ignore_index)
     return per_tok, (labels != ignore_index).to(per_tok.dtype)
 
 
@@ -155,7 +172,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1
     ``ModelView.task_loss``) and evaluation use this function.
     """
     if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(_wide(logits), labels)
     per_tok, valid = _token_losses(logits, labels, ignore_index)
     return (per_tok * valid).sum() / valid.sum().clamp_min(1.0)
 
@@ -166,7 +183,7 @@ def task_loss_per_example(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     any). For per-example weighting (MT-BERT); its mean is *not* :func:`task_loss` when examples
     have different numbers of labelled tokens."""
     if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        return F.cross_entropy(_wide(logits), labels, reduction="none")
     per_tok, valid = _token_losses(logits, labels, ignore_index)
     return (per_tok * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
 
@@ -262,9 +279,9 @@ def _soft_per_position(kind: SoftLoss, student_logits: torch.Tensor, teacher_log
                        temperature: float) -> torch.Tensor:
     """The soft loss of :func:`soft_loss` at every position: ``[b]`` or ``[b, s]``, fp32."""
     if kind == "mse":
-        return ((student_logits.float() - teacher_logits.float()) ** 2).mean(-1)
-    s_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        return ((_wide(student_logits) - _wide(teacher_logits)) ** 2).mean(-1)
+    s_log = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
+    t_log = F.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
     if kind == "kl":
         return (t_log.exp() * (t_log - s_log)).sum(-1) * temperature**2
     if kind == "ce":
@@ -307,6 +324,61 @@ def summary_token(hidden: torch.Tensor, attention_mask: torch.Tensor, family: st
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def vocab_parallel_soft_loss(kind: SoftLoss, student_shard: torch.Tensor, teacher_shard: torch.Tensor,
+                             vocab_size: int, temperature: float = 1.0,
+                             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`soft_loss` from vocabulary shards (``logits.vocab_shard`` of student and teacher).
+
+    Args:
+        kind: ``"kl"`` (``τ²·KL``), ``"ce"`` or ``"mse"``, as in :func:`soft_loss`.
+        student_shard, teacher_shard: ``[b, s, w]`` this rank's shards (equal layouts: same
+            vocabulary, same TP size).
+        vocab_size: The real vocabulary size (``ModelShape.vocab_size``); entries from it on
+            are padding and ignored.
+        temperature: τ.
+        mask: ``[b, s]`` positions to average over (e.g. ``attention_mask``).
+
+    A collective over the TP group (every rank calls it); the result is replicated.
+    """
+    per_pos = vocab_parallel_soft_per_position(kind, student_shard, teacher_shard, vocab_size, temperature)
+    if kind == "kl":
+        per_pos = per_pos * temperature**2
+    return _masked_mean(per_pos, mask)
+
+
+def vocab_parallel_soft_cross_entropy(student_shard: torch.Tensor, teacher_shard: torch.Tensor, vocab_size: int,
+                                      temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`soft_cross_entropy` from vocabulary shards (see :func:`vocab_parallel_soft_loss`)."""
+    return _masked_mean(vocab_parallel_soft_per_position("ce", student_shard, teacher_shard, vocab_size,
+                                                         temperature), mask)
+
+
+def vocab_parallel_kl_divergence(student_shard: torch.Tensor, teacher_shard: torch.Tensor, vocab_size: int,
+                                 temperature: float = 1.0, mask: torch.Tensor | None = None,
+                                 scale_by_t2: bool = True) -> torch.Tensor:
+    """:func:`kl_divergence` from vocabulary shards (see :func:`vocab_parallel_soft_loss`)."""
+    loss = _masked_mean(vocab_parallel_soft_per_position("kl", student_shard, teacher_shard, vocab_size,
+                                                         temperature), mask)
+    return loss * temperature**2 if scale_by_t2 else loss
+
+
+def vocab_parallel_task_loss(logits_shard: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                             ignore_index: int = -100) -> torch.Tensor:
+    """:func:`task_loss` of token logits from this rank's vocabulary shard ``[b, s, w]`` (one
+    mean over the labelled tokens of the batch). A collective; the result is replicated."""
+    per_tok = vocab_parallel_cross_entropy(logits_shard, labels, vocab_size, ignore_index)
+    valid = (labels != ignore_index).to(per_tok.dtype)
+    return per_tok.sum() / valid.sum().clamp_min(1.0)
+
+
+def vocab_parallel_task_loss_per_example(logits_shard: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                                         ignore_index: int = -100) -> torch.Tensor:
+    """:func:`task_loss_per_example` from this rank's vocabulary shard: ``[b]``."""
+    per_tok = vocab_parallel_cross_entropy(logits_shard, labels, vocab_size, ignore_index)
+    valid = (labels != ignore_index).to(per_tok.dtype)
+    return per_tok.sum(-1) / valid.sum(-1).clamp_min(1.0)
+
+
 __all__ = [
     "SoftLoss",
     "attention_kl",
@@ -325,4 +397,9 @@ __all__ = [
     "summary_token",
     "task_loss",
     "task_loss_per_example",
+    "vocab_parallel_kl_divergence",
+    "vocab_parallel_soft_cross_entropy",
+    "vocab_parallel_soft_loss",
+    "vocab_parallel_task_loss",
+    "vocab_parallel_task_loss_per_example",
 ]

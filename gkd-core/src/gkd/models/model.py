@@ -20,7 +20,16 @@ from gkd.models.bottleneck import BottleneckEmbeddings, get_mobilebert_layer_spe
 from gkd.models.config import ModelConfig
 from gkd.models.layers import get_decoder_layer_spec, get_encoder_layer_spec
 from gkd.models.sharding import ShardKind, shard_kind
-from gkd.models.taps import LAYER_ROLES, LAYERS_OPERATION, CaptureSession, Layout, Operation, activate, tap
+from gkd.models.taps import (
+    LAYER_ROLES,
+    LAYERS_OPERATION,
+    VOCAB_SHARD,
+    CaptureSession,
+    Layout,
+    Operation,
+    activate,
+    tap,
+)
 
 
 @dataclass
@@ -29,7 +38,9 @@ class ForwardOutput:
 
     Attributes:
         logits: ``[b, s, V]`` (LM / MLM head, full vocabulary on every TP rank),
-            ``[b, num_labels]`` (classification) or ``None`` (no head).
+            ``[b, num_labels]`` (classification) or ``None`` (no head; or a capture that asked
+            for ``logits.vocab_shard`` without ``logits``: the all-gather was skipped and the
+            local shard is in the captured features).
         last_hidden: ``[b, s, h]`` — last layer output (encoder) or final norm output (decoder).
         pooled: ``[b, h]`` pooler output of encoders with a pooler, else ``None``.
     """
@@ -182,6 +193,8 @@ class GkdModel(MegatronModule):
             names.append("pooled")
         if cfg.head != "none":
             names.append("logits")
+        if cfg.head in ("lm", "mlm"):
+            names.append(VOCAB_SHARD)
         return names
 
     def _validate(self, features: Iterable[str], operations: Mapping[str, Operation]) -> None:
@@ -303,19 +316,24 @@ class GkdModel(MegatronModule):
             logits = self.classifier(F.dropout(pooled, p=p, training=self.training))
         elif self.mlm_decoder is not None:
             x = self.mlm_norm(cfg.activation(self.mlm_transform(last_hidden)))
-            logits = self._vocab_logits(self.mlm_decoder, x)
+            logits = self._vocab_logits(self.mlm_decoder, x, session)
         elif self.lm_head is not None:
-            logits = self._vocab_logits(self.lm_head, last_hidden)
+            logits = self._vocab_logits(self.lm_head, last_hidden, session)
         if logits is not None:
             logits = tap("logits", logits, Layout.PUBLIC)
         return ForwardOutput(logits=logits, last_hidden=last_hidden, pooled=pooled)
 
-    def _vocab_logits(self, proj: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    def _vocab_logits(
+        self, proj: ColumnParallelLinear, x: torch.Tensor, session: CaptureSession | None
+    ) -> torch.Tensor | None:
         weight = self.embeddings.word_embeddings.weight if self.model_config.tie_word_embeddings else None
         if self.mlm_dense is not None:
             word = weight if self.mlm_word_decoder is None else self.mlm_word_decoder.weight
             weight = torch.cat([word, self.mlm_dense.weight], dim=1)  # [V_local, h]
         local, _ = proj(x.contiguous(), weight=weight)  # [b, s, V_padded / tp]
+        local = tap(VOCAB_SHARD, local, Layout.PUBLIC)
+        if session is not None and session.wants(VOCAB_SHARD) and not session.wants("logits"):
+            return None  # only the shard is read: the [b, s, V] gather is never materialised
         full = tensor_parallel.gather_from_tensor_model_parallel_region(local)
         return full[..., : self.model_config.vocab_size]
 

@@ -18,10 +18,18 @@ name                               layout (batch first)                    TP
 ``layers.{i}.ffn.intermediate``    ``[b, s, ffn_local]``                   sharded (last)
 ``final_norm``                     ``[b, s, h]`` (decoders)                replicated
 ``logits``                         ``[b, s, V]`` or ``[b, num_labels]``    gathered
+``logits.vocab_shard``             ``[b, s, V_pad/tp]`` (LM / MLM heads)   sharded (vocab)
 ``pooled``                         ``[b, h]`` (encoders with a pooler)     replicated
 =================================  ======================================  =============
 
 plus the operation-only point ``layers`` (the list of layer modules to run).
+
+``logits.vocab_shard`` (:data:`VOCAB_SHARD`) is this rank's slice of the vocabulary-parallel
+output layer before the all-gather: rank ``r`` holds entries ``[r·w, (r+1)·w)`` of the vocabulary
+padded to a multiple of ``tp`` (``w = V_pad / tp``); entries from ``vocab_size`` on are padding.
+A pass that records or operates on it but not on ``logits`` skips the all-gather: the model's
+``ForwardOutput.logits`` is then ``None`` and the full ``[b, s, V]`` tensor never exists
+(:func:`gkd.methods.losses.vocab_parallel_soft_loss` and friends compute losses from shards).
 
 The machinery: :meth:`GkdModel.capture` creates a :class:`CaptureSession`; the model's
 forward makes it the *active* session (a context variable) for exactly one pass; modules
@@ -58,6 +66,9 @@ SHARDED_ROLES: frozenset[str] = frozenset(r for r in LAYER_ROLES if r.startswith
 
 LAYERS_OPERATION = "layers"
 """Operation-only point: ``fn(list[nn.Module]) -> list[nn.Module]`` picks the layers to run."""
+
+VOCAB_SHARD = "logits.vocab_shard"
+"""Tap of this rank's vocabulary shard of LM / MLM logits (asked for alone, no all-gather runs)."""
 
 Operation = Callable[[Any], Any]
 """An operation hook: called with the value at its tap point, returns the replacement
@@ -211,6 +222,7 @@ __all__ = [
     "LAYERS_OPERATION",
     "LAYER_ROLES",
     "SHARDED_ROLES",
+    "VOCAB_SHARD",
     "CaptureSession",
     "Layout",
     "Operation",

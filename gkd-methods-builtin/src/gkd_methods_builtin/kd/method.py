@@ -1,4 +1,9 @@
-"""KD (Hinton et al., 2015): match the teacher's softened output distribution, plus the gold loss."""
+"""KD (Hinton et al., 2015): match the teacher's softened output distribution, plus the gold loss.
+
+Under tensor parallelism with LM / MLM heads, KD reads the local vocabulary shards
+(``logits.vocab_shard``) and computes its terms with a distributed softmax, so no rank gathers
+the ``[b, s, V]`` logits of the student or the teacher.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 
 from gkd.methods import (
     STUDENT,
+    VOCAB_SHARD,
     FeatureIssue,
     ForwardRequest,
     Method,
@@ -20,6 +26,7 @@ from gkd.methods import (
     prediction_issues,
     prediction_terms,
     teacher_key,
+    vocab_parallel_prediction,
 )
 
 
@@ -37,7 +44,9 @@ class KD(Method):
     def plan(self, step: StepContext, state: dict[str, Any], pass_index: int, previous: PassView | None) -> PassPlan | None:
         if pass_index > 0:
             return None
-        return PassPlan({STUDENT: ForwardRequest(), teacher_key(self.teacher_name): ForwardRequest()})
+        features = frozenset({VOCAB_SHARD}) if vocab_parallel_prediction(self.context, [self.teacher_name]) else frozenset()
+        return PassPlan({STUDENT: ForwardRequest(features), teacher_key(self.teacher_name): ForwardRequest(features)})
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
-        return prediction_terms(self.name, self.config, outputs, self.teacher_name)
+        return prediction_terms(self.name, self.config, outputs, self.teacher_name,
+                                vocab_size=self.context.student.vocab_size)
