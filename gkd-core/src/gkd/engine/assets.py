@@ -5,7 +5,9 @@ This is the one place that turns checkpoint directories into models: teachers ar
 in eval mode, in their configured dtype and loaded once per checkpoint directory; every
 student starts through :meth:`RunAssets.build_student`. A teacher with ``offload: cpu|disk``
 keeps its parameters off the device between its forward passes
-(:mod:`gkd.parallel.offload`); the model handed to the step is still an ordinary model.
+(:mod:`gkd.parallel.offload`); one with ``partition: data_parallel`` keeps 1/DP of them on each
+data-parallel rank (:mod:`gkd.parallel.teacher_partition`). The model handed to the step is
+still an ordinary model.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
-from gkd.config.run import DatasetConfig, RunConfig, StudentInit, strongest_offload
+from gkd.config.run import DatasetConfig, RunConfig, StudentInit, published_partition, strongest_offload
 from gkd.engine.build import model_shape
 from gkd.engine.data import TaskDataset, build_dataset
 from gkd.engine.labels import LabelVocab
@@ -29,6 +32,7 @@ from gkd.models.checkpoint import SafetensorsDir, load_hf_weights
 from gkd.models.init import pretrained_student, random_student, truncated_student
 from gkd.parallel.offload import TeacherResidency, offload
 from gkd.parallel.placement import Placement
+from gkd.parallel.teacher_partition import TeacherPartition, partition
 
 
 @dataclass
@@ -42,6 +46,10 @@ class TeacherSlot:
     """``teachers[].offload``: ``none``, ``cpu`` or ``disk``."""
     residency: TeacherResidency | None = None
     """Set when the loaded model is offloaded (it moves the parameters around each forward pass)."""
+    partition: str = "none"
+    """``teachers[].partition``: ``none`` or ``data_parallel``."""
+    partitioned: TeacherPartition | None = None
+    """Set when the loaded model is partitioned over more than one data-parallel rank."""
 
 
 def _weight_files(path: Path) -> dict[str, tuple[int, int]]:
@@ -89,9 +97,12 @@ class RunAssets:
     def __init__(self, run: RunConfig, placement: Placement) -> None:
         self.run = run
         self.placement = placement
-        self.teachers = {t.name: TeacherSlot(t.path, t.dtype, offload=t.offload) for t in run.teachers}
+        self.teachers = {t.name: TeacherSlot(t.path, t.dtype, offload=t.offload, partition=t.partition)
+                         for t in run.teachers}
         self.published_offload = strongest_offload(t.offload for t in run.teachers)
         """The offload of a teacher published by a stage (``publish_as_teacher``): the strongest of ``teachers[]``."""
+        self.published_partition = published_partition(run.teachers)
+        """The partition of a published teacher: ``data_parallel`` when some teacher of ``teachers[]`` has it."""
         self.labels: LabelVocab | None = None
         self._tokenizer: Tokenizer | None = None
         self._datasets: dict[DatasetConfig, TaskDataset] = {}
@@ -151,12 +162,13 @@ class RunAssets:
 
     def set_teacher_path(self, name: str, path: Path, dtype: str | None = None) -> None:
         """Point ``name`` at another checkpoint (fine-tuned, published); a loaded model is dropped.
-        A fine-tuned teacher keeps its dtype and offload; a published one is offloaded like
-        :attr:`published_offload`."""
+        A fine-tuned teacher keeps its dtype, offload and partition; a published one is offloaded
+        like :attr:`published_offload` and partitioned like :attr:`published_partition`."""
         slot = self.teachers.get(name)
         if slot is None or slot.path != path:
             self.teachers[name] = TeacherSlot(path, dtype or (slot.dtype if slot else "fp32"),
-                                              offload=slot.offload if slot else self.published_offload)
+                                              offload=slot.offload if slot else self.published_offload,
+                                              partition=slot.partition if slot else self.published_partition)
 
     def teacher(self, name: str) -> GkdModel:
         """The frozen teacher ``name`` in eval mode, on the run's device and in its dtype.
@@ -165,12 +177,19 @@ class RunAssets:
         pass only (:mod:`gkd.parallel.offload`). A ``disk`` teacher is built without weights and
         read once here (one tensor at a time), which checks the checkpoint as a resident teacher's
         load does; then it holds no parameter storage until it runs.
+
+        With ``partition: data_parallel`` (and more than one data-parallel rank) the teacher is read
+        into host memory, this rank's slice of each unit is kept (on the device, or on the host with
+        ``offload: cpu``) and the rest is dropped: the whole TP shard never sits on the device.
         """
         slot = self.teachers[name]
         if slot.model is None:
             dtype = self.placement.dtype(slot.dtype, f"teachers[{name}].dtype")
             cfg = self.teacher_config(slot.path)
             label = f"teacher '{name}' (offload: {slot.offload})"
+            if slot.partition != "none" and slot.offload == "disk":
+                raise GkdError(f"teacher '{name}': partition '{slot.partition}' cannot be combined with offload "
+                               "'disk'; use offload 'none' or 'cpu' with the partition")
             if slot.offload == "disk":
                 model = build_model(cfg, init_weights=False, device="cpu")  # as from_pretrained builds it
                 slot.residency = offload(model.requires_grad_(False).eval(), "disk", self.placement.device,
@@ -180,9 +199,13 @@ class RunAssets:
                     pass
             else:
                 model = from_pretrained(slot.path, cfg, strict=True, device="cpu").requires_grad_(False).eval()
-                if slot.offload == "none":
+                if slot.partition == "data_parallel":
+                    slot.partitioned = partition(model, self.placement.device, dtype=dtype,
+                                                 home=torch.device("cpu") if slot.offload == "cpu" else None,
+                                                 label=f"teacher '{name}' (partition: data_parallel)")
+                if slot.partitioned is None and slot.offload == "none":
                     model = self.placement.model(model, dtype)
-                else:
+                elif slot.partitioned is None:  # partitioned, 'cpu' only moved the slices' home (above)
                     slot.residency = offload(model, slot.offload, self.placement.device, dtype=dtype, label=label)
             slot.model = model
         return slot.model

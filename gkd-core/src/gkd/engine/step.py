@@ -15,10 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkd.engine.plan import MergedPass, merge_plans
+from gkd.engine.plan import MergedPass, ModelRequest, merge_plans
 from gkd.methods.api import STUDENT, Method, ModelView, PassPlan, PassView, StepContext
-from gkd.methods.losses import task_loss, task_loss_per_example
+from gkd.methods.losses import (
+    task_loss,
+    task_loss_per_example,
+    vocab_parallel_task_loss,
+    vocab_parallel_task_loss_per_example,
+)
+from gkd.models.taps import VOCAB_SHARD
 from gkd.parallel.rng import seeded_generator
+from gkd.parallel.teacher_partition import partitioned_keys, planned_on_some_rank
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_PASSES = 16
@@ -73,14 +80,17 @@ def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping
         if key not in models:
             raise KeyError(f"a method asked for model '{key}', but this stage only has {sorted(models)}")
         grad = key == STUDENT or req.grad or teacher_grad
-        out, feats = _run_model(models[key], batch, req.features, req.composed_operations(), grad)
-        has_head = out.logits is not None
-        with_labels = labels is not None and has_head
+        out, feats = _run_model(models[key], batch, req.capture_features(), req.composed_operations(), grad)
         # The hard loss: one mean over all labelled tokens of the batch (or over examples), the
         # convention evaluation uses too; the per-example means serve per-sample weighting.
-        results[key] = ModelView(feats, out.logits,
-                                 task_loss(out.logits, labels) if with_labels else None,
-                                 task_loss_per_example(out.logits, labels) if with_labels else None)
+        hard = hard_each = None
+        if labels is not None and out.logits is not None:
+            hard, hard_each = task_loss(out.logits, labels), task_loss_per_example(out.logits, labels)
+        elif labels is not None and VOCAB_SHARD in feats:  # the gather was skipped: the same loss from shards
+            vocab = models[key].model_config.vocab_size
+            hard = vocab_parallel_task_loss(feats[VOCAB_SHARD], labels, vocab)
+            hard_each = vocab_parallel_task_loss_per_example(feats[VOCAB_SHARD], labels, vocab)
+        results[key] = ModelView(feats, out.logits, hard, hard_each)
     return results
 
 
@@ -92,6 +102,16 @@ def _view(plan: PassPlan, results: Mapping[str, ModelView], batch: Mapping[str, 
         models[key] = ModelView({n: full.features[n] for n in req.features}, full.logits, full.task_loss,
                                    full.task_loss_per_example)
     return PassView(batch=batch, models=models)
+
+
+def _same_partitioned_passes(merged: MergedPass, shared: list[str], models: Mapping[str, nn.Module]) -> MergedPass:
+    """Every data-parallel rank runs the partitioned teachers that some rank planned in this pass
+    (their all-gathers must pair up), after the other models and in the stage's order; a teacher
+    this rank did not plan runs with an empty request and no method reads its result."""
+    run = planned_on_some_rank(shared, merged.requests, models)
+    requests = {k: r for k, r in merged.requests.items() if k not in shared}
+    requests |= {k: merged.requests.get(k, ModelRequest()) for k in run}
+    return MergedPass(requests, merged.plans)
 
 
 def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, SelectedMethod],
@@ -107,6 +127,7 @@ def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, Selected
     total: torch.Tensor | None = None
     previous: dict[str, PassView | None] = dict.fromkeys(methods)
     active = list(methods)
+    shared = partitioned_keys(models)  # teachers[].partition: every data-parallel rank must run them alike
     for pass_index in range(MAX_PASSES):
         plans: dict[str, PassPlan] = {}
         for name in active:
@@ -116,9 +137,13 @@ def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, Selected
                 raise RuntimeError(f"method '{name}' returned no plan for pass 0")
             if plan is not None:
                 plans[name] = plan
-        if not plans:
+        if not plans and not shared:
             break
         merged = merge_plans(plans, include_student=pass_index == 0)
+        if shared:
+            merged = _same_partitioned_passes(merged, shared, models)
+            if not merged.requests:
+                break
         results = run_pass(models, merged, batch)
         for name, plan in plans.items():
             sel = methods[name]
