@@ -37,6 +37,8 @@ BUILTIN_COMMANDS: dict[str, Builtin] = {
     "env": Builtin("gkd.cli.env:env",
                    "Print versions of Python, gkd, torch, megatron-core and DeepSpeed, and the installed plugins."),
     "methods": Builtin("gkd.cli.methods:methods", "Inspect installed distillation methods and plugin commands."),
+    "plan": Builtin("gkd.cli.plan:plan_cmd",
+                    "Predict per-GPU memory of every parallel layout and recommend one (CONFIG, or --teacher/--student sizes)."),
     "validate": Builtin("gkd.cli.validate:validate",
                         "Check a run config without running it; every error is printed as 'path: message'."),
 }
