@@ -204,9 +204,10 @@ def test_two_processes_two_nodes_and_deepspeed_launcher(workspace: Path, launche
         *(start([*TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
                  "--master-addr", "127.0.0.1", "--master-port", port, "--no-python", GKD, "distill", str(nodes)],
                 workspace) for node in (0, 1)),
-        # On a machine without GPUs DeepSpeed's CPU accelerator runs --num_gpus processes.
+        # On a machine without GPUs DeepSpeed's CPU accelerator runs --num_gpus processes; the
+        # --local_rank=N it puts before the sub-command is accepted (and ignored) by gkd.
         start([*DEEPSPEED, "--num_gpus", "2", "--master_port", str(find_free_port()), "--no_python",
-               "--no_local_rank", GKD, "distill", str(ds)], workspace),
+               GKD, "distill", str(ds)], workspace),
     ]
     registry = load_plugin_manager().registry
     single = Trainer(load_run_config(write_config(workspace, "single"), registry=registry), registry, progress=False,

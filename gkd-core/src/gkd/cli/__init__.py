@@ -109,6 +109,9 @@ class GkdGroup(click.Group):
 @click.version_option(__version__, prog_name="gkd")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the start-up warnings of megatron-core and DeepSpeed (hidden by default).")
+# The deepspeed launcher puts --local_rank=N before the sub-command unless given --no_local_rank;
+# the process reads LOCAL_RANK from its environment anyway.
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True, expose_value=False)
 def cli(verbose: bool) -> None:
     """gkd — general knowledge distillation for large pre-trained language models."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ from gkd.models.taps import (
 )
 
 
-@dataclass
-class ForwardOutput:
-    """Result of a forward pass.
+class ForwardOutput(NamedTuple):
+    """Result of a forward pass (a named tuple: wrappers that hook a module's outputs, such as
+    DeepSpeed ZeRO-3 re-gathering parameters for the backward, see its tensors).
 
     Attributes:
         logits: ``[b, s, V]`` (LM / MLM head, full vocabulary on every TP rank),
@@ -347,6 +347,23 @@ class GkdModel(MegatronModule):
                 )
 
     # ------------------------------------------------------------------ bookkeeping
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters this model's forward reads outside their own sub-module's forward: the word
+        embeddings of a tied output layer, MobileBERT's decoder pieces. A wrapper that gathers
+        parameters per sub-module (DeepSpeed ZeRO-3) must fetch these with the whole model."""
+        if self._vocab_head() is None:
+            return []
+        found: list[nn.Parameter] = []
+        if self.model_config.tie_word_embeddings:
+            found.append(self.embeddings.word_embeddings.weight)
+        for module in (self.mlm_word_decoder, self.mlm_dense):
+            if module is not None:
+                found.append(module.weight)
+        return found
+
+    def _vocab_head(self) -> ColumnParallelLinear | None:
+        return self.mlm_decoder if self.mlm_decoder is not None else self.lm_head
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count of the whole model (all TP shards, tied weights once, no vocab padding)."""
         return count_parameters(self, trainable_only=trainable_only)

@@ -111,7 +111,22 @@ def initialize_engine(module: nn.Module, optimizer_cfg: OptimizerConfig, schedul
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=megatron_mpu(),
         dist_init_required=False,
     )
+    if ds_config["zero_optimization"].get("stage") == 3:
+        _register_external_parameters(module)
     return engine, ds_optimizer, ds_scheduler
+
+
+def _register_external_parameters(module: nn.Module) -> None:
+    """ZeRO-3 gathers a sub-module's own parameters around its forward; a model that reads a
+    parameter elsewhere (a tied output layer reads the word embeddings) names it through
+    ``external_parameters()`` and DeepSpeed then gathers it with that model."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for sub in module.modules():
+        external = getattr(sub, "external_parameters", None)
+        if callable(external):
+            for param in external():
+                register_external_parameter(sub, param)
 
 
 # ---------------------------------------------------------------------------------------------
