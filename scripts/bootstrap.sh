@@ -47,7 +47,9 @@ if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
 fi
 
 echo "[bootstrap] installing gkd-core, gkd-methods-builtin, gkd-methods-multiteacher (editable)"
-extra=""
+# The main job also records feature distances (gkd analyze: analysis extra) and exports its
+# student to ONNX int8 (onnx extra).
+extra="[onnx,analysis]"
 [ "$PURPOSE" = "test" ] && extra="[test]"
 "${PIP[@]}" install -e "gkd-core$extra" -e gkd-methods-builtin -e gkd-methods-multiteacher
 

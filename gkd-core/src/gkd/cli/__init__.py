@@ -31,11 +31,17 @@ class Builtin(NamedTuple):
 
 
 BUILTIN_COMMANDS: dict[str, Builtin] = {
+    "analyze": Builtin("gkd.cli.analyze:analyze",
+                       "Correlate recorded feature distances with the loss and the task metric; with RUN_B, compare what each run moved."),
     "config": Builtin("gkd.cli.config_cmd:config", "Run-config reference."),
     "distill": Builtin("gkd.cli.distill:distill",
                        "Distil as described by CONFIG (YAML or JSON), resuming from the latest checkpoint."),
     "env": Builtin("gkd.cli.env:env",
                    "Print versions of Python, gkd, torch, megatron-core and DeepSpeed, and the installed plugins."),
+    "eval": Builtin("gkd.cli.eval:eval_cmd",
+                    "Evaluate an exported model under PyTorch and onnxruntime: metric, examples/s, batch-1 latency."),
+    "export": Builtin("gkd.cli.export:export",
+                      "Export a run's student (final or --stage) to Hugging Face or ONNX, checked against the gkd model."),
     "methods": Builtin("gkd.cli.methods:methods", "Inspect installed distillation methods and plugin commands."),
     "plan": Builtin("gkd.cli.plan:plan_cmd",
                     "Predict per-GPU memory of every parallel layout and recommend one (CONFIG, or --teacher/--student sizes)."),

@@ -12,6 +12,7 @@ from gkd.config.errors import ConfigError
 from gkd.config.loader import apply_overrides, read_config_file
 from gkd.config.paths import resolve_path
 from gkd.config.run import (
+    AnalysisConfig,
     ArchitectureOverrides,
     CheckpointConfig,
     DatasetConfig,
@@ -76,6 +77,18 @@ def _stage(view: resolve.StageView, top: dict[str, Any], user_stage: dict[str, A
     )
 
 
+def _analysis(raw: dict[str, Any]) -> AnalysisConfig:
+    layer_map = raw.get("layer_map")
+    if isinstance(layer_map, dict):
+        layer_map = {name: tuple(layers) for name, layers in layer_map.items()}
+    elif layer_map is not None:
+        layer_map = tuple(layer_map)
+    return AnalysisConfig(every=raw["every"], probe_examples=raw["probe_examples"], probe_split=raw["probe_split"],
+                          batch_size=raw["batch_size"], metric=raw["metric"],
+                          teachers=tuple(raw["teachers"]) if "teachers" in raw else None, layer_map=layer_map,
+                          temperatures=tuple(float(t) for t in raw["temperatures"]))
+
+
 def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: MethodRegistry | None,
            source: Path | None) -> RunConfig:
     """``raw`` is the defaulted config; ``user`` the config as written (a stage's partial
@@ -99,8 +112,11 @@ def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: Meth
                                 float(raw["parallel"]["timeout_s"])),
         checkpoint=CheckpointConfig(**raw["checkpoint"]),
         logging=LoggingConfig(**raw["logging"]),
-        export=ExportConfig(export["enabled"], Path(export["dir"]).expanduser() if export.get("dir") else None),
+        export=ExportConfig(export["enabled"], Path(export["dir"]).expanduser() if export.get("dir") else None,
+                            export["onnx"]),
+        analysis=_analysis(raw["analysis"]),
         train_data=train_data,
+        eval_data=_dataset(raw["data"].get("eval"), base),
         test_data=_dataset(raw["data"].get("test"), base),
         source=source,
         raw=raw,

@@ -8,7 +8,7 @@ a config that has already passed every check. Every field is read by the engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -228,6 +228,36 @@ class ExportConfig:
     enabled: bool = True
     dir: Path | None = None
     """Default ``<run_dir>/export``."""
+    onnx: Literal["none", "fp32", "int8"] = "none"
+    """Also export ``model.onnx`` (:mod:`gkd.deploy`) and evaluate it on the test split."""
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """``analysis``: teacher-student feature distances recorded during training, read by
+    ``gkd analyze`` (:mod:`gkd.engine.analysis`, :mod:`gkd.analysis`). Off unless ``every`` > 0."""
+
+    every: int = 0
+    """Record every N global steps of the student stages, and at the start and end of each; 0: off."""
+    probe_examples: int = 64
+    """The first N examples of the probe split: the fixed batch the distances are measured on."""
+    probe_split: Literal["auto", "eval", "test", "train"] = "auto"
+    """Where the probe comes from; ``auto``: ``data.eval``, else ``data.test``, else ``data.train``."""
+    batch_size: int = 16
+    """Probe examples per forward pass of the analysis."""
+    metric: Literal["split", "probe"] = "split"
+    """The task metric at each point: on the whole probe split, or on the probe examples only."""
+    teachers: tuple[str, ...] | None = None
+    """Teachers measured against; None: every teacher a stage may use."""
+    layer_map: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None
+    """Teacher layer (0-based) of each student layer, for every teacher or per teacher name; None:
+    ``round((i+1)·T/S) − 1``."""
+    temperatures: tuple[float, ...] = (1.0, 5.0, 10.0, 15.0, 20.0)
+    """Temperatures of the soft-label KL."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
 
 
 @dataclass(frozen=True)
@@ -274,8 +304,11 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     export: ExportConfig
+    analysis: AnalysisConfig
     train_data: DatasetConfig
     """``data.train``: the default training split of every stage, and the source of the label set."""
+    eval_data: DatasetConfig | None
+    """``data.eval``: the default evaluation split of every stage."""
     test_data: DatasetConfig | None
     source: Path | None
     raw: dict[str, Any]

@@ -158,6 +158,7 @@ class _Checker:
         self.check_task(raw.get("task"))
         self.check_vocabularies()
         self.check_offload()
+        self.check_export(raw.get("export"))
 
     def check_teachers(self, teachers: list[Any]) -> None:
         seen: set[str] = set()
@@ -384,6 +385,18 @@ class _Checker:
             if shape is not None and shape.family != wants:
                 self.add("task.type", f"'{task['type']}' needs {'a decoder' if wants == 'decoder' else 'an encoder'}; "
                                       f"teacher '{name}' is {'a decoder' if wants == 'encoder' else 'an encoder'}")
+
+    def check_export(self, export: Any) -> None:
+        """``export.onnx`` needs the export itself and the optional extra (checked without importing it)."""
+        if not isinstance(export, dict) or export.get("onnx", "none") == "none":
+            return
+        from gkd.deploy.extras import install_hint, missing
+
+        if export.get("enabled") is False:
+            self.add("export.onnx", f"'{export['onnx']}' needs export.enabled: true (the ONNX model is made from the export)")
+        absent = missing()
+        if absent:
+            self.add("export.onnx", install_hint(f"'{export['onnx']}'", absent))
 
     # ------------------------------------------------------------------ one vocabulary
 

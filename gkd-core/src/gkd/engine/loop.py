@@ -5,11 +5,12 @@ backward/step, method ``after_step``, metrics, evaluation, checkpoints and ``sto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -28,6 +29,9 @@ from gkd.errors import GkdError
 from gkd.parallel.comm import mean_over_dp
 from gkd.parallel.placement import Placement
 from gkd.parallel.zero import deepspeed_config, drop_stale_gradients, initialize_engine
+
+if TYPE_CHECKING:
+    from gkd.engine.analysis import StageAnalysis
 
 _LOSS = "\x00loss"  # the total, carried with the terms through one DP reduction
 
@@ -78,6 +82,9 @@ class Checkpointer:
             teachers=teacher_references(paths),
             extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "labels": self.labels()},
         )
+        architecture = getattr(model, "model_config", None)
+        if architecture is not None:  # what `gkd export --stage` rebuilds the student from (gkd.deploy.source)
+            state.extra["student_model"] = dataclasses.asdict(architecture)
         ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
                              scheduler=scheduler, config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
 
@@ -96,6 +103,8 @@ class StageJob:
     eval_data: TaskDataset | None = None
     methods: dict[str, SelectedMethod] = field(default_factory=dict)
     checkpointer: Checkpointer | None = None
+    analysis: StageAnalysis | None = None
+    """Feature distances recorded at the stage's start, every ``analysis.every`` global steps and its end."""
 
 
 @dataclass
@@ -141,6 +150,8 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
         start = restore_training(resume, model=job.model, auxiliary=auxiliary, optimizer=optimizer,
                                  scheduler=scheduler, iterator=iterator, methods=job.methods,
                                  echo=lambda line: io.echo(f"[{stage.name}] {line}"))
+    if job.analysis is not None and start == 0:
+        job.analysis.record(step=0, global_step=progress.global_step, at="start")
     job.model.train()
     shown = StageProgress(total=total, start=start, desc=f"[{job.index + 1}/{len(run.stages)}] {stage.name}",
                           bar=io.progress_bar and parallel.is_global_rank_zero(),
@@ -173,6 +184,9 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                                      loss=loss_value, terms=sums, lr=lr)
             shown.update(step, loss_value, lr)
             done = step == total
+            if job.analysis is not None and job.analysis.due(progress.global_step, done):
+                job.analysis.record(step=step, global_step=progress.global_step, at="end" if done else "step",
+                                    loss=loss_value, terms=sums)
             if training.eval_every_steps and step % training.eval_every_steps == 0 and not done:
                 _evaluate(run, job, step, progress, placement, io)
             stop = io.stop_after is not None and progress.global_step >= io.stop_after

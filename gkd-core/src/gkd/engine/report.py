@@ -69,6 +69,14 @@ def finish_run(assets: RunAssets, student: GkdModel | None, *, global_step: int,
     if run.test_data is not None and run.task.type == "sequence_classification":
         summary["majority_baseline"] = _majority(assets.dataset(run.test_data))
     export_dir = export_student(assets, student) if student is not None and run.export.enabled else None
+    if export_dir is not None and run.export.onnx != "none":
+        if parallel.is_global_rank_zero():
+            from gkd.deploy.finish import onnx_row  # onnx and onnxruntime are imported only when asked for
+
+            rows.append(onnx_row(export_dir, quantize=run.export.onnx, raw=run.raw, stage=run.stages[-1].name,
+                                 test=assets.dataset(run.test_data) if run.test_data is not None else None,
+                                 batch_size=run.stages[-1].training.eval_batch_size, seed=run.seed))
+        parallel.barrier()
     plot = plot_losses(run.run_dir) if run.logging.plot and metrics is not None else None
     summary |= {"name": run.name, "run_dir": str(run.run_dir), "global_step": global_step,
                 "seconds": round(seconds, 1), "models": rows,

@@ -36,9 +36,9 @@ from gkd.engine.step import SelectedMethod
 from gkd.errors import GkdError
 from gkd.parallel import fullstate
 
-RESUME_INDEPENDENT = ("logging", "checkpoint", "export", "parallel")
+RESUME_INDEPENDENT = ("logging", "checkpoint", "export", "parallel", "analysis")
 """Config sections that may change between a run and its resumption (``parallel``: how the run is
-laid out over processes, not what it computes)."""
+laid out over processes, not what it computes; ``analysis``: what is measured, not what is trained)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,10 +32,12 @@ from typing import Any
 from torch import nn
 
 from gkd import parallel
+from gkd.analysis.records import remove_records
 from gkd.atomic import atomic_write_json
 from gkd.config.run import RunConfig, StageConfig, StudentInit
 from gkd.engine import chain
 from gkd.engine import checkpoint as ckpt
+from gkd.engine.analysis import AnalysisRecorder
 from gkd.engine.assets import RunAssets
 from gkd.engine.build import build_methods, model_shape
 from gkd.engine.chain import TEACHER_META, FinishedLink
@@ -94,6 +97,7 @@ class Trainer:
         self.stop_after = stop_after
         self.progress_bar = progress_bar_wanted(progress, run.logging.progress)
         self._reusable: Any = _UNSET
+        self._analysis: AnalysisRecorder | None = None
 
     def execute(self) -> dict[str, Any]:
         """Run all stages (resuming from the latest checkpoint when there is one, else reusing the
@@ -122,6 +126,7 @@ class Trainer:
         # One writer: every rank computes the same metrics, global rank 0 records them.
         metrics = MetricsLogger(run.run_dir, resume_global_step=kept) if parallel.is_global_rank_zero() else None
         io = LoopIO(self.echo, metrics, self.progress_bar, self.stop_after)
+        self._analysis = self._analysis_recorder(assets, resume, link)
         if assets.labels is not None and parallel.is_global_rank_zero():
             assets.labels.save(run.run_dir / "labels.json")
         checkpointer = Checkpointer(run, lambda: assets.teacher_paths,
@@ -145,8 +150,22 @@ class Trainer:
                 self._publish(index, stage, student, assets, progress, restored=restored)
             if self.stop_after is not None and progress.global_step >= self.stop_after and index + 1 < len(run.stages):
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
+        if self._analysis is not None:
+            self.echo(self._analysis.summary())
         return finish_run(assets, student, global_step=progress.global_step, seconds=time.perf_counter() - started,
                           metrics=metrics)
+
+    def _analysis_recorder(self, assets: RunAssets, resume: ResumePoint | None,
+                           link: FinishedLink | None) -> AnalysisRecorder | None:
+        """The run's feature-distance recorder (``analysis``), keeping the points of the work it
+        continues; without analysis, a fresh run removes the points of an earlier one."""
+        keep = ((resume.state.stage_index, resume.state.stage_iteration) if resume is not None
+                else (link.index, math.inf) if link is not None else None)
+        if self.run.analysis.enabled:
+            return AnalysisRecorder(self.run, assets, keep)
+        if keep is None and parallel.is_global_rank_zero():
+            remove_records(self.run.run_dir)
+        return None
 
     def _student_init(self, index: int) -> StudentInit:
         """How the student of stage ``index`` started: the latest ``student_init`` up to it."""
@@ -169,7 +188,8 @@ class Trainer:
         for sel in methods.values():
             sel.method.setup(models)
         job = StageJob(index, stage, student, models, train_data,
-                       assets.dataset(stage.eval_data) if stage.eval_data else None, methods, checkpointer)
+                       assets.dataset(stage.eval_data) if stage.eval_data else None, methods, checkpointer,
+                       self._analysis.stage(index, stage, student) if self._analysis is not None else None)
         train_stage(self.run, job, progress, assets.placement, io, resume)
         return False
 
