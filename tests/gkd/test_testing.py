@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -132,6 +133,45 @@ def test_build_method_validates_before_defaults_and_gives_state():
     assert torch.equal(a.proj.weight, b.proj.weight)
     models = tiny_models(teachers=("x", "y"))
     assert build_method("kd", models=models, teachers=["y"]).context.teacher_names == ["y"]
+
+
+def test_build_method_names_the_method_and_field_of_each_config_error():
+    with pytest.raises(GkdError, match=r"^kd: config\.soft_loss: 'kll' is not one of \['kl', 'ce', 'mse'\]$"):
+        build_method("kd", {"soft_loss": "kll"})
+    with pytest.raises(GkdError) as err:
+        build_method("kd", {"soft_loss": "kll", "temprature": 2.0})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith("kd: config.") for line in lines)
+    assert any("config.temprature: unknown key" in line for line in lines)
+
+
+def test_build_method_passes_the_stage_kind_and_checks_it_against_the_spec():
+    assert build_method("kd").context.stage_kind == "task"
+    assert build_method("kd", stage_kind="pretrain").context.stage_kind == "pretrain"
+    models = tiny_models()
+    assert build_method("kd", models=models, stage_kind="pretrain").context.stage_kind == "pretrain"
+    pretrain_only = dataclasses.replace(_spec(), stages=("pretrain",))
+    assert build_method(pretrain_only).context.stage_kind == "pretrain"  # the default follows spec.stages
+    with pytest.raises(GkdError, match=r"^probe: stage_kind: method 'probe' applies to task stages, not to a "
+                                       r"'pretrain' stage$"):
+        build_method(_spec(), stage_kind="pretrain")
+    with pytest.raises(GkdError, match=r"^kd: stage_kind: 'finetune' is not one of \['pretrain', 'task'\]$"):
+        build_method("kd", stage_kind="finetune")
+
+
+def test_build_method_passes_the_tensor_parallel_size_and_checks_it_divides_the_models():
+    assert build_method("kd").context.tensor_parallel == 1
+    assert build_method("kd", tensor_parallel=2).context.tensor_parallel == 2
+    models = tiny_models()
+    assert build_method("tinybert", models=models, tensor_parallel=4).context.tensor_parallel == TINY_HEADS
+    with pytest.raises(GkdError, match=r"^kd: tensor_parallel: 3 must divide the attention heads of the student "
+                                       rf"\({TINY_HEADS}\)$"):
+        build_method("kd", tensor_parallel=3)
+    with pytest.raises(GkdError, match=r"^kd: tensor_parallel: 2 must divide the attention heads of teacher 't' "
+                                       r"\(3\)$"):
+        build_method("kd", tensor_parallel=2, teachers={"t": shape(num_heads=3, hidden_size=48)})
+    with pytest.raises(GkdError, match=r"^kd: tensor_parallel: expected a positive integer, got 0$"):
+        build_method("kd", tensor_parallel=0)
 
 
 def test_run_step_uses_the_engine_and_keeps_a_selected_state():

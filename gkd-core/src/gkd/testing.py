@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, get_args, overload
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ from gkd.methods.api import (
     teacher_key,
 )
 from gkd.methods.checks import check_features, matches, validate_feature_patterns
-from gkd.methods.spec import MethodSpec
+from gkd.methods.spec import MethodSpec, StageKind
 from gkd.plugins.manager import load_plugin_manager
 
 if TYPE_CHECKING:
@@ -110,6 +110,32 @@ def validate_config(spec: MethodSpec, config: Mapping[str, Any] | None) -> dict[
     return dict(apply_defaults(spec.config_schema, given))
 
 
+def _stage_kind(spec: MethodSpec, stage_kind: str | None) -> str:
+    """``stage_kind`` checked against :data:`StageKind` and ``spec.stages`` (as run validation does)."""
+    if stage_kind is None:
+        return "task" if "task" in spec.stages else spec.stages[0]
+    kinds = list(get_args(StageKind))
+    if stage_kind not in kinds:
+        raise GkdError(f"{spec.name}: stage_kind: {stage_kind!r} is not one of {kinds}")
+    if stage_kind not in spec.stages:
+        raise GkdError(f"{spec.name}: stage_kind: method '{spec.name}' applies to {'/'.join(spec.stages)} stages, "
+                       f"not to a '{stage_kind}' stage")
+    return stage_kind
+
+
+def _check_tensor_parallel(name: str, ctx: MethodContext) -> None:
+    """The TP size must shard every model evenly (``parallel.tensor_parallel`` validation)."""
+    tp = ctx.tensor_parallel
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise GkdError(f"{name}: tensor_parallel: expected a positive integer, got {tp!r}")
+    models = [("the student", ctx.student), *((f"teacher '{n}'", s) for n, s in ctx.teachers.items())]
+    for who, s in models:
+        for value, label in ((s.num_heads, "attention heads"), (s.num_kv_heads, "key/value heads"),
+                             (s.ffn_hidden_size, "FFN width")):
+            if value % tp:
+                raise GkdError(f"{name}: tensor_parallel: {tp} must divide the {label} of {who} ({value})")
+
+
 def _default_teachers(spec: MethodSpec) -> dict[str, ModelShape]:
     if spec.kind == "multi-teacher":
         return {"t1": shape(), "t2": shape(num_layers=3)}
@@ -137,18 +163,18 @@ def context_of(models: Mapping[str, nn.Module], *, teachers: Sequence[str] | Non
 @overload
 def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
                  student: ModelShape | None = None, teachers: Mapping[str, ModelShape] | Sequence[str] | None = None,
-                 task: str | None = None, stage_kind: str = "task", tensor_parallel: int = 1,
+                 task: str | None = None, stage_kind: str | None = None, tensor_parallel: int = 1,
                  models: Mapping[str, nn.Module] | None = None, seed: int | None = None, check: bool = True,
                  with_state: Literal[False] = False) -> Method: ...
 @overload
 def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
                  student: ModelShape | None = None, teachers: Mapping[str, ModelShape] | Sequence[str] | None = None,
-                 task: str | None = None, stage_kind: str = "task", tensor_parallel: int = 1,
+                 task: str | None = None, stage_kind: str | None = None, tensor_parallel: int = 1,
                  models: Mapping[str, nn.Module] | None = None, seed: int | None = None, check: bool = True,
                  with_state: Literal[True]) -> tuple[Method, dict[str, Any]]: ...
 def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
                  student: ModelShape | None = None, teachers: Mapping[str, ModelShape] | Sequence[str] | None = None,
-                 task: str | None = None, stage_kind: str = "task", tensor_parallel: int = 1,
+                 task: str | None = None, stage_kind: str | None = None, tensor_parallel: int = 1,
                  models: Mapping[str, nn.Module] | None = None, seed: int | None = None, check: bool = True,
                  with_state: bool = False) -> Method | tuple[Method, dict[str, Any]]:
     """Build a method as gkd does: validate ``config`` against its schema, fill the defaults,
@@ -162,18 +188,23 @@ def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None
             and one 4-layer teacher ``t`` (multi-teacher methods: ``t1`` with 4 layers and ``t2``
             with 3). With ``models``, ``teachers`` may be the names of the teachers to read.
         task: Default ``sequence_classification`` (encoder student) or ``causal_lm``.
-        stage_kind, tensor_parallel: As in :class:`MethodContext`.
+        stage_kind: ``"pretrain"`` or ``"task"``, one of ``spec.stages`` (default ``"task"`` when
+            the method applies to task stages, else its first stage kind).
+        tensor_parallel: The TP size of :class:`MethodContext`; it must divide the attention
+            heads, key/value heads and FFN width of every model, as validation requires.
         models: Tiny models (:func:`tiny_models`): shapes come from their configs instead.
         seed: Seed the method's parameter initialisation (the global RNG is left untouched).
         check: False skips :func:`check_features` (e.g. to test the constructor's own error).
         with_state: Return ``(method, method.initial_state())``.
 
     Raises:
-        GkdError: An invalid config (each field named) or an issue of the static checks
+        GkdError: An invalid config (each field named), a stage kind the method does not apply
+            to, a TP size that does not divide the models, or an issue of the static checks
             (``config.<field>: message``).
     """
     spec = _spec(name)
     cfg = validate_config(spec, config)
+    stage_kind = _stage_kind(spec, stage_kind)
     if models is not None:
         names = list(teachers) if teachers is not None and not isinstance(teachers, Mapping) else None
         ctx = context_of(models, teachers=names, task=task, stage_kind=stage_kind, tensor_parallel=tensor_parallel)
@@ -186,6 +217,7 @@ def build_method(name: str | MethodSpec, config: Mapping[str, Any] | None = None
         s = student or shape(num_layers=2)
         ctx = MethodContext(student=s, teachers=dict(teachers) if teachers is not None else _default_teachers(spec),
                             task=task or default_task(s.family), stage_kind=stage_kind, tensor_parallel=tensor_parallel)
+    _check_tensor_parallel(spec.name, ctx)
     if check:
         issues = check_features(spec, cfg, ctx)
         if issues:
@@ -559,12 +591,11 @@ def check_conformance(name: str | MethodSpec, config: Mapping[str, Any] | None =
     if teachers is None:
         teachers = ({"t1": teacher_layers, "t2": max(student_layers, teacher_layers - 1)}
                     if spec.kind == "multi-teacher" else {"t": teacher_layers})
-    stage_kind = "task" if "task" in spec.stages else spec.stages[0]
     models = tiny_models(family, teachers=teachers, teacher_layers=teacher_layers, student_layers=student_layers,
                          task=task, seed=seed)
     try:
-        first = build_method(spec, config, models=models, task=task, stage_kind=stage_kind, seed=seed)
-        second = build_method(spec, config, models=models, task=task, stage_kind=stage_kind, seed=seed)
+        first = build_method(spec, config, models=models, task=task, seed=seed)
+        second = build_method(spec, config, models=models, task=task, seed=seed)
     except GkdError as e:
         raise AssertionError(f"{spec.name}: cannot build on the tiny models: {e}") from None
 

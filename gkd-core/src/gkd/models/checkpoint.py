@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from safetensors.torch import save_file
 
 from gkd import parallel
 from gkd.atomic import atomic_write
+from gkd.config.paths import PathResolutionError, resolve_path
+from gkd.errors import GkdError
 from gkd.models.config import HeadKind, ModelConfig
 from gkd.models.model import GkdModel, build_model
 from gkd.models.sharding import ShardKind, gather_full, shard_kind
@@ -44,6 +47,45 @@ TOKENIZER_FILES: tuple[str, ...] = (
 
 HEAD_PARAMETER_PREFIXES: tuple[str, ...] = ("pooler.", "classifier.", "mlm_", "lm_head.")
 """gkd parameters that belong to a head (may be absent from a backbone-only checkpoint)."""
+
+WEIGHT_FILES = "model.safetensors (or a sharded model.safetensors.index.json)"
+"""What gkd reads weights from; ``pytorch_model.bin`` is never unpickled."""
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""``owner/name`` as the Hugging Face hub spells model ids."""
+
+
+class MissingCheckpointError(GkdError, FileNotFoundError):
+    """A checkpoint directory, or a file gkd reads from it, does not exist (one line)."""
+
+
+def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a local Hugging Face checkpoint directory holding ``config.json``.
+
+    ``pkg:module/sub`` points into an installed package (as in run configs); ``~`` expands.
+
+    Raises:
+        MissingCheckpointError: The directory or its ``config.json`` does not exist (a hub
+            id such as ``owner/name`` gets a hint to download it first) or a package is
+            not installed.
+    """
+    text = os.fspath(path)
+    try:
+        resolved = resolve_path(text, Path())
+    except PathResolutionError as exc:
+        raise MissingCheckpointError(f"checkpoint {text!r}: {exc}") from None
+    expected = f"expected config.json and {WEIGHT_FILES} in it"
+    if not resolved.exists():
+        if _HUB_ID.fullmatch(text):
+            raise MissingCheckpointError(
+                f"checkpoint {text!r} does not exist: gkd loads local Hugging Face directories, not hub ids; "
+                f"download the model first (e.g. huggingface-cli download {text} --local-dir DIR) and pass "
+                f"DIR; {expected}"
+            )
+        raise MissingCheckpointError(f"checkpoint directory {text!r} does not exist; {expected}")
+    if not (resolved / "config.json").is_file():
+        raise MissingCheckpointError(f"checkpoint {text!r} has no config.json; {expected}")
+    return resolved
 
 
 # --------------------------------------------------------------------------- sources
@@ -74,7 +116,10 @@ class SafetensorsDir:
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {name: self.path / file for name, file in weight_map.items()}
         else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
+            raise MissingCheckpointError(
+                f"no model.safetensors or model.safetensors.index.json in {self.path} "
+                "(gkd reads safetensors only; convert a pytorch_model.bin checkpoint first)"
+            )
         self._handles: dict[Path, Any] = {}
 
     @staticmethod
@@ -421,8 +466,8 @@ def load_hf_weights(
 
 
 def read_hf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse ``config.json`` of a checkpoint directory."""
-    return json.loads((Path(path) / "config.json").read_text())
+    """Parse ``config.json`` of a checkpoint directory (``pkg:`` paths: :func:`checkpoint_dir`)."""
+    return json.loads((checkpoint_dir(path) / "config.json").read_text())
 
 
 def load_model_config(
@@ -439,20 +484,30 @@ def from_pretrained(
     strict: bool = True,
     device: torch.device | str | None = None,
     seed: int = 0,
+    frozen: bool = False,
 ) -> GkdModel:
-    """Build a model from an HF checkpoint directory.
+    """Build a model from a local HF checkpoint directory.
 
     Args:
-        path: Directory with ``config.json`` and ``model.safetensors``.
+        path: Directory with ``config.json`` and ``model.safetensors`` (or a sharded index),
+            or ``pkg:module/sub`` inside an installed package. Hub ids are not downloaded.
         cfg: Architecture; default :func:`load_model_config` of ``path``.
         strict: Passed to :func:`load_hf_weights`. Non-strict loading leaves missing
             parameters at their random initialisation (drawn with ``seed``).
         device: Target device.
         seed: Seed of the initialisation of parameters the checkpoint does not provide.
+        frozen: A teacher: eval mode and ``requires_grad=False`` on every parameter
+            (``.eval()`` alone leaves parameters trainable, as in torch).
+
+    Raises:
+        MissingCheckpointError: See :func:`checkpoint_dir`; also when the weights file is missing.
     """
-    cfg = cfg if cfg is not None else load_model_config(path)
+    directory = checkpoint_dir(path)
+    cfg = cfg if cfg is not None else load_model_config(directory)
     model = build_model(cfg, seed=seed, init_weights=not strict, device="cpu")
-    load_hf_weights(model, path, strict=strict)
+    load_hf_weights(model, directory, strict=strict)
+    if frozen:
+        model.requires_grad_(False).eval()
     if device is not None:
         model = model.to(device)
     elif torch.cuda.is_available():
@@ -526,10 +581,13 @@ def export_hf(
 __all__ = [
     "HEAD_PARAMETER_PREFIXES",
     "TOKENIZER_FILES",
+    "WEIGHT_FILES",
     "DictSource",
     "LoadReport",
+    "MissingCheckpointError",
     "SafetensorsDir",
     "TensorSource",
+    "checkpoint_dir",
     "detect_hf_prefix",
     "export_hf",
     "from_pretrained",
