@@ -5,6 +5,8 @@ The public surface for plugin authors and research code::
     import gkd
     gkd.hookimpl          # decorate gkd_* hook implementations
     gkd.MethodSpec        # describe a method as data
+    gkd.distill           # run a config (file or dict) from Python; returns the run summary
+    gkd.Callback          # observe a run: stage start/end, step end, evaluation, checkpoint
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "FeatureUse": "gkd.methods.spec",
     "MethodSpec": "gkd.methods.spec",
     "MethodRegistrar": "gkd.plugins.registry",
+    "distill": "gkd.api",
+    "Callback": "gkd.engine.callbacks",
+    "CallbackError": "gkd.engine.callbacks",
+    "StepInfo": "gkd.engine.callbacks",
 })
 
-__all__ = ["FeatureUse", "MethodRegistrar", "MethodSpec", "__version__", "hookimpl"]
+__all__ = ["Callback", "CallbackError", "FeatureUse", "MethodRegistrar", "MethodSpec", "StepInfo", "__version__",
+           "distill", "hookimpl"]
 
 if TYPE_CHECKING:
+    from gkd.api import distill
+    from gkd.engine.callbacks import Callback, CallbackError, StepInfo
     from gkd.hookspecs import hookimpl
     from gkd.methods.spec import FeatureUse, MethodSpec
     from gkd.plugins.registry import MethodRegistrar

@@ -217,10 +217,12 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     every_steps: int = 10
-    """A text progress line every N steps when no progress bar is shown."""
+    """A text progress line every N steps when no progress bar is shown (0: none)."""
     progress: bool = True
     """A progress bar when standard error is a terminal."""
     plot: bool = True
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard event files under ``<run_dir>/tensorboard``."""
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ class _Checker:
         self.check_vocabularies()
         self.check_offload()
         self.check_export(raw.get("export"))
+        self.check_logging(raw.get("logging"))
 
     def check_teachers(self, teachers: list[Any]) -> None:
         seen: set[str] = set()
@@ -397,6 +398,15 @@ class _Checker:
         absent = missing()
         if absent:
             self.add("export.onnx", install_hint(f"'{export['onnx']}'", absent))
+
+    def check_logging(self, logging: Any) -> None:
+        """``logging.tensorboard`` needs the optional extra (checked without importing it)."""
+        if not isinstance(logging, dict) or logging.get("tensorboard") is not True:
+            return
+        from gkd.engine.metrics import TENSORBOARD_HINT, tensorboard_missing
+
+        if tensorboard_missing():
+            self.add("logging.tensorboard", TENSORBOARD_HINT)
 
     # ------------------------------------------------------------------ one vocabulary
 

@@ -17,6 +17,7 @@ from torch import nn
 from gkd import parallel
 from gkd.config.run import RunConfig, StageConfig
 from gkd.engine import checkpoint as ckpt
+from gkd.engine.callbacks import Callbacks, StepInfo
 from gkd.engine.data import BatchIterator, TaskDataset
 from gkd.engine.evaluate import Evaluation, evaluate
 from gkd.engine.fingerprint import teacher_references
@@ -73,8 +74,8 @@ class Checkpointer:
         return bool(every) and global_step % every == 0
 
     def save(self, stage_index: int, stage_iteration: int, global_step: int, *, model: nn.Module, auxiliary: nn.Module,
-             optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod]) -> None:
-        """Save a checkpoint; collective (every rank calls it, global rank 0 writes)."""
+             optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod]) -> Path:
+        """Save a checkpoint; collective (every rank calls it, global rank 0 writes). Returns its directory."""
         paths = self.teacher_paths()
         state = ckpt.CheckpointState(
             global_step=global_step, stage_index=stage_index, stage_iteration=stage_iteration,
@@ -85,8 +86,8 @@ class Checkpointer:
         architecture = getattr(model, "model_config", None)
         if architecture is not None:  # what `gkd export --stage` rebuilds the student from (gkd.deploy.source)
             state.extra["student_model"] = dataclasses.asdict(architecture)
-        ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
-                             scheduler=scheduler, config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
+        return ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
+                                    scheduler=scheduler, config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
 
 
 @dataclass
@@ -109,12 +110,13 @@ class StageJob:
 
 @dataclass
 class LoopIO:
-    """Where the loop reports: human lines, metrics (rank 0 only), progress display, early stop."""
+    """Where the loop reports: human lines, metrics (rank 0 only), progress display, early stop, callbacks."""
 
     echo: Callable[[str], None]
     metrics: MetricsLogger | None
     progress_bar: bool
     stop_after: int | None = None
+    callbacks: Callbacks = field(default_factory=Callbacks)
 
 
 def stage_steps(stage: StageConfig, batches_per_epoch: int) -> int:
@@ -153,6 +155,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
     if job.analysis is not None and start == 0:
         job.analysis.record(step=0, global_step=progress.global_step, at="start")
     job.model.train()
+    io.callbacks.stage_start(stage)
     shown = StageProgress(total=total, start=start, desc=f"[{job.index + 1}/{len(run.stages)}] {stage.name}",
                           bar=io.progress_bar and parallel.is_global_rank_zero(),
                           every=run.logging.every_steps if parallel.is_global_rank_zero() else 0, echo=io.echo)
@@ -182,6 +185,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
             if io.metrics is not None:
                 io.metrics.log_train(stage=stage.name, step=step, global_step=progress.global_step,
                                      loss=loss_value, terms=sums, lr=lr)
+            io.callbacks.step_end(StepInfo(stage.name, step, progress.global_step, loss_value, dict(sums), lr))
             shown.update(step, loss_value, lr)
             done = step == total
             if job.analysis is not None and job.analysis.due(progress.global_step, done):
@@ -191,14 +195,18 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                 _evaluate(run, job, step, progress, placement, io)
             stop = io.stop_after is not None and progress.global_step >= io.stop_after
             if job.checkpointer is not None and (done or stop or job.checkpointer.due(progress.global_step)):
-                job.checkpointer.save(job.index, step, progress.global_step, model=job.model, auxiliary=auxiliary,
-                                      optimizer=optimizer, scheduler=scheduler, iterator=iterator, methods=job.methods)
+                saved = job.checkpointer.save(job.index, step, progress.global_step, model=job.model,
+                                              auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
+                                              iterator=iterator, methods=job.methods)
+                io.callbacks.checkpoint(saved, progress.global_step)
             if stop and not done:
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
     finally:
         shown.close()
     del engine
-    return _evaluate(run, job, total, progress, placement, io)
+    evaluation = _evaluate(run, job, total, progress, placement, io)
+    io.callbacks.stage_end(stage, evaluation)
+    return evaluation
 
 
 def _evaluate(run: RunConfig, job: StageJob, step: int, progress: RunProgress, placement: Placement,
@@ -206,9 +214,10 @@ def _evaluate(run: RunConfig, job: StageJob, step: int, progress: RunProgress, p
     if job.eval_data is None:
         return None
     ev = evaluate(job.model, job.eval_data, job.stage.training.eval_batch_size, placement, seed=run.seed)  # type: ignore[arg-type]
+    scores = {ev.metric: ev.value, "loss": ev.loss}
     if io.metrics is not None:
-        io.metrics.log_eval(stage=job.stage.name, step=step, global_step=progress.global_step,
-                            metrics={ev.metric: ev.value, "loss": ev.loss})
+        io.metrics.log_eval(stage=job.stage.name, step=step, global_step=progress.global_step, metrics=scores)
+    io.callbacks.evaluate(job.stage.name, step, dict(scores))
     io.echo(f"[{job.stage.name}] step {step} eval {ev.metric}: {ev.value:.4f}")
     return ev
 

@@ -3,13 +3,18 @@
 Training records look like ``{"kind": "train", "stage": "distill", "step": 9, "global_step": 19,
 "loss": 0.71, "terms": {"tinybert.hidden": 0.52, ...}, "lr": 4.1e-05, "time": 1717000000.0}``;
 evaluation records have ``"kind": "eval"`` and ``"metrics"`` instead of loss, terms and lr.
+With ``logging.tensorboard`` the same numbers also go to TensorBoard event files under
+``<run_dir>/tensorboard`` (tags ``train/loss``, ``train/<term>``, ``train/lr``, ``eval/<metric>``
+against the global step), rewritten from ``metrics.jsonl`` whenever a run starts or resumes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +23,32 @@ from typing import Any
 import torch
 
 from gkd.atomic import atomic_write_bytes, atomic_write_json
+from gkd.errors import GkdError
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_EXTRA = "tensorboard"
+TENSORBOARD_HINT = ("true needs the tensorboard package, which is not installed; "
+                    f"install the optional extra: pip install 'gkd-core[{TENSORBOARD_EXTRA}]'")
+"""Why ``logging.tensorboard: true`` cannot be honoured (after the field's name)."""
+
+
+def tensorboard_missing() -> bool:
+    """Whether the ``tensorboard`` package cannot be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec("tensorboard") is None
+    except (ImportError, ValueError):
+        return True
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of a ``metrics.jsonl`` record, by tag."""
+    if record.get("kind") == "eval":
+        return {f"eval/{k}": float(v) for k, v in record.get("metrics", {}).items()}
+    return {"train/loss": float(record["loss"]), **{f"train/{k}": float(v) for k, v in record.get("terms", {}).items()},
+            "train/lr": float(record["lr"])}
 
 
 def _number(value: float | torch.Tensor) -> float:
@@ -52,15 +79,38 @@ class MetricsLogger:
         resume_global_step: Resuming from a checkpoint at this global step: records after it
             (logged by the interrupted run after its last checkpoint) are dropped so the file
             holds every step once. None starts a fresh file.
+        tensorboard: Also write every record to TensorBoard event files under
+            ``<run_dir>/tensorboard``; that directory is rebuilt from the kept records, so it
+            holds exactly what ``metrics.jsonl`` holds.
     """
 
-    def __init__(self, run_dir: Path, resume_global_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, resume_global_step: int | None = None, *, tensorboard: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         kept = [] if resume_global_step is None else [
             r for r in read_records(self.run_dir) if int(r.get("global_step", -1)) <= resume_global_step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+        self._writer: Any = None
+        if tensorboard:
+            self._writer = self._open_tensorboard()
+            for record in kept:
+                self._write_scalars(record)
+            self._writer.flush()
+
+    def _open_tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise GkdError(f"logging.tensorboard: {TENSORBOARD_HINT}") from None
+        log_dir = self.run_dir / TENSORBOARD_DIR
+        # Event files of an earlier or interrupted run may hold steps metrics.jsonl no longer has.
+        shutil.rmtree(log_dir, ignore_errors=True)
+        return SummaryWriter(log_dir=str(log_dir))
+
+    def _write_scalars(self, record: Mapping[str, Any]) -> None:
+        for tag, value in scalars(record).items():
+            self._writer.add_scalar(tag, value, global_step=int(record["global_step"]), walltime=record.get("time"))
 
     def _append(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -68,6 +118,9 @@ class MetricsLogger:
             f.flush()
             # Metrics are written every few steps only; a synced line survives a crash.
             os.fsync(f.fileno())
+        if self._writer is not None:
+            self._write_scalars(record)
+            self._writer.flush()  # so TensorBoard shows the step now and a crash loses nothing
 
     def log_train(self, *, stage: str, step: int, global_step: int, loss: float | torch.Tensor,
                   terms: Mapping[str, float | torch.Tensor], lr: float, **extra: Any) -> dict[str, Any]:
@@ -89,10 +142,18 @@ class MetricsLogger:
         return read_records(self.run_dir)
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
-        """Write ``<run_dir>/summary.json`` atomically."""
+        """Write ``<run_dir>/summary.json`` atomically; it is the run's last record, so the
+        TensorBoard writer is closed too."""
         path = self.run_dir / SUMMARY_FILE
         atomic_write_json(path, dict(summary))
+        self.close()
         return path
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any (``metrics.jsonl`` needs no closing)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def stage_starts(records: list[dict[str, Any]]) -> list[tuple[int, str]]:

@@ -1,5 +1,6 @@
-"""What a user sees while a stage trains: a progress bar on a terminal, otherwise one line
-every ``logging.every_steps`` steps (so logs of batch jobs show progress too)."""
+"""What a user sees while a stage trains: a progress bar when standard error is a terminal and
+``logging.progress`` (or ``--progress``) asks for one; otherwise, in logs and CI, one line every
+``logging.every_steps`` steps and at the stage's last step (``every_steps: 0``: none)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -40,6 +40,7 @@ from gkd.engine import checkpoint as ckpt
 from gkd.engine.analysis import AnalysisRecorder
 from gkd.engine.assets import RunAssets
 from gkd.engine.build import build_methods, model_shape
+from gkd.engine.callbacks import Callback, Callbacks
 from gkd.engine.chain import TEACHER_META, FinishedLink
 from gkd.engine.data import epoch_batches
 from gkd.engine.fingerprint import sha256_of_checkpoint
@@ -87,13 +88,17 @@ class Trainer:
             for splitting a long run into jobs; the next run resumes.
         echo: Where human-readable lines go; called on global rank 0 only (under a launcher
             every rank runs the trainer, one of them reports).
+        callbacks: :class:`~gkd.engine.callbacks.Callback` instances, called in order on global
+            rank 0 at each stage start/end, step end, evaluation and checkpoint.
     """
 
     def __init__(self, run: RunConfig, registry: MethodRegistry, *, progress: bool | None = None,
-                 stop_after: int | None = None, echo: Callable[[str], None] = print) -> None:
+                 stop_after: int | None = None, echo: Callable[[str], None] = print,
+                 callbacks: Iterable[Callback] = ()) -> None:
         self.run = run
         self.registry = registry
         self.echo = _on_rank_zero(echo)
+        self.callbacks = Callbacks(callbacks)
         self.stop_after = stop_after
         self.progress_bar = progress_bar_wanted(progress, run.logging.progress)
         self._reusable: Any = _UNSET
@@ -124,8 +129,9 @@ class Trainer:
             chain.restore_metrics(run, link)  # the reused stages' records, as they were logged
         kept = resume.state.global_step if resume is not None else link.global_step if link is not None else None
         # One writer: every rank computes the same metrics, global rank 0 records them.
-        metrics = MetricsLogger(run.run_dir, resume_global_step=kept) if parallel.is_global_rank_zero() else None
-        io = LoopIO(self.echo, metrics, self.progress_bar, self.stop_after)
+        metrics = (MetricsLogger(run.run_dir, resume_global_step=kept, tensorboard=run.logging.tensorboard)
+                   if parallel.is_global_rank_zero() else None)
+        io = LoopIO(self.echo, metrics, self.progress_bar, self.stop_after, callbacks=self.callbacks)
         self._analysis = self._analysis_recorder(assets, resume, link)
         if assets.labels is not None and parallel.is_global_rank_zero():
             assets.labels.save(run.run_dir / "labels.json")
