@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from gkd import parallel
 from gkd.analysis.records import ANALYSIS_CSV, ANALYSIS_FILE, read_points
+from gkd.atomic import atomic_write_bytes
 from gkd.config import load_run_config
 from gkd.engine.analysis import analysis_features, default_layer_map, measure
 from gkd.engine.checkpoint import find_latest
@@ -241,7 +242,7 @@ def write_config(root: Path, name: str, **changes) -> Path:
         "export": {"enabled": False},
     } | changes
     path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    atomic_write_bytes(path, yaml.safe_dump(cfg).encode())
     return path
 
 

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 
 from gkd import parallel
+from gkd.atomic import atomic_write_bytes
 from gkd.config import load_run_config
 from gkd.engine.assets import RunAssets
 from gkd.engine.build import build_methods, model_shape
@@ -103,7 +104,7 @@ def write_config(root: Path, name: str, *, tp: int = 1, zero: dict[str, Any] | N
     }
     path = root / "runs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
+    atomic_write_bytes(path, yaml.safe_dump(cfg).encode())
     return path
 
 

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from gkd.atomic import atomic_write_bytes
 from gkd.config import load_run_config
 from gkd.engine.assets import checkpoint_reader
 from gkd.engine.checkpoint import find_latest
@@ -220,7 +221,7 @@ def write_config(root: Path, run_dir: Path, mode: str, stages: list | None = Non
         "logging": {"progress": False, "plot": False},
     }
     path = root / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    atomic_write_bytes(path, yaml.safe_dump(cfg).encode())
     return path
 
 

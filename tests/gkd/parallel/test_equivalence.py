@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from gkd import parallel
+from gkd.atomic import atomic_write_bytes
 from gkd.config import load_run_config
 from gkd.config.schema import apply_defaults
 from gkd.engine.step import step_context
@@ -160,7 +161,7 @@ def write_config(root: Path, method: str, layout: Layout, tag: str) -> Path:
     }
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    atomic_write_bytes(path, yaml.safe_dump(cfg).encode())
     return path
 
 

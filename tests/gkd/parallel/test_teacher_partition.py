@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from gkd import parallel
+from gkd.atomic import atomic_write_bytes
 from gkd.config import load_run_config
 from gkd.config.errors import ConfigError
 from gkd.engine.step import distill_step
@@ -347,7 +348,7 @@ def write_config(root: Path, run_name: str) -> Path:
         "export": {"enabled": False},
     }
     path = root / f"{run_name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    atomic_write_bytes(path, yaml.safe_dump(cfg).encode())
     return path
 
 
@@ -424,7 +425,7 @@ def test_bad_combinations_are_one_line_validation_errors(workspace):
         cfg["teachers"][0] |= fields
         cfg["stages"][0]["methods"] = methods
         bad = workspace / f"bad-{name}.yaml"
-        bad.write_text(yaml.safe_dump(cfg))
+        atomic_write_bytes(bad, yaml.safe_dump(cfg).encode())
         with pytest.raises(ConfigError) as info:
             load_run_config(bad, registry=registry)
         (issue,) = info.value.issues
