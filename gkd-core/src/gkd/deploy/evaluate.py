@@ -12,7 +12,6 @@ per example or per labelled token).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +23,8 @@ import torch
 
 from gkd.config.run import DatasetConfig, TaskType
 from gkd.deploy.onnx_export import ONNX_FILE, require_onnx, run_session, session
-from gkd.engine.data import TaskDataset, make_batches
+from gkd.engine.data import TaskDataset
+from gkd.engine.evaluate import Predict, metric_pass
 from gkd.engine.labels import LabelVocab
 from gkd.engine.readers import read_examples
 from gkd.errors import GkdError
@@ -33,7 +33,6 @@ from gkd.models import ModelConfig
 RUNTIMES = ("torch", "onnx", "both")
 TASK_OF_HEAD: dict[str, TaskType] = {"classification": "sequence_classification", "mlm": "masked_lm",
                                      "lm": "causal_lm"}
-Predict = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -110,31 +109,6 @@ def load_dataset(model_dir: Path, cfg: ModelConfig, meta: ExportMeta, data: Data
     tokenizer = Tokenizer.from_dir(model_dir, max_length)
     return TaskDataset(examples, tokenizer, meta.task, labels=_labels(model_dir, cfg) if classify else None,
                        mlm_probability=meta.mlm_probability)
-
-
-@torch.no_grad()
-def metric_pass(predict: Predict, data: TaskDataset, batch_size: int, seed: int) -> tuple[str, float, float, int, float]:
-    """``(metric, value, loss, examples, seconds)`` of ``predict`` over ``data``, as gkd's evaluation computes them."""
-    classify = data.task == "sequence_classification"
-    correct = total = 0
-    loss_sum = tokens = 0.0
-    start = time.perf_counter()
-    for batch in make_batches(data, batch_size, shuffle=False, seed=seed):
-        logits = predict(batch).float()
-        labels = batch["labels"]
-        total += len(labels)
-        if classify:
-            correct += int((logits.argmax(-1) == labels).sum())
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        else:
-            loss_sum += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum",
-                                                                ignore_index=-100))
-            tokens += float((labels != -100).sum())
-    seconds = time.perf_counter() - start
-    if classify:
-        return "accuracy", correct / max(total, 1), loss_sum / max(total, 1), total, seconds
-    mean = loss_sum / max(tokens, 1.0)
-    return "perplexity", math.exp(min(mean, 50.0)), mean, total, seconds
 
 
 @torch.no_grad()
@@ -227,10 +201,10 @@ def evaluate_export(model_dir: str | Path, data: DatasetConfig, *, runtime: str 
             return run_session(sess, batch)
 
         onnx_predict(dataset.collate(list(range(min(batch_size, len(dataset)))), torch.Generator().manual_seed(seed)))
-        metric, value, loss, total, seconds = metric_pass(onnx_predict, dataset, batch_size, seed)
+        ev = metric_pass(onnx_predict, dataset, batch_size, seed=seed)
         p50, p95, n = latency(onnx_predict, dataset, latency_examples, seed)
         label = "int8" if meta.onnx_quantize == "int8" else "fp32"
-        results.append(RuntimeResult(f"onnx ({label})", metric, value, loss, total, total / max(seconds, 1e-9),
+        results.append(RuntimeResult(f"onnx ({label})", ev.metric, ev.value, ev.loss, ev.examples, ev.throughput,
                                      p50, p95, n))
         say(_line(results[-1]))
     return results
@@ -261,4 +235,4 @@ def format_results(results: list[RuntimeResult], batch_size: int) -> str:
 
 
 __all__ = ["RUNTIMES", "ExportMeta", "RuntimeResult", "evaluate_export", "format_results", "latency", "load_dataset",
-           "metric_pass", "read_meta", "torch_predictor"]
+           "read_meta", "torch_predictor"]

@@ -11,10 +11,10 @@ import torch
 
 from gkd import __version__
 from gkd.atomic import atomic_write_json
-from gkd.deploy.evaluate import metric_pass
 from gkd.deploy.onnx_export import export_onnx, run_session, session
 from gkd.deploy.parity import probe_batches, reference_outputs
 from gkd.engine.data import TaskDataset
+from gkd.engine.evaluate import metric_pass
 from gkd.models import count_parameters, from_pretrained
 
 
@@ -50,8 +50,8 @@ def onnx_row(export_dir: Path, *, quantize: str, raw: dict[str, Any], stage: str
                            "layers": cfg.num_layers, "onnx_check": onnx.parity.line()}
     if test is not None:
         sess = session(onnx.path, torch.get_num_threads())
-        metric, value, loss, _, seconds = metric_pass(lambda b: run_session(sess, b), test, batch_size, seed)
-        row |= {metric: value, "eval_loss": loss, "throughput": len(test) / max(seconds, 1e-9)}
+        ev = metric_pass(lambda b: run_session(sess, b), test, batch_size, seed=seed)
+        row |= {ev.metric: ev.value, "eval_loss": ev.loss, "throughput": len(test) / max(ev.seconds, 1e-9)}
     return row
 
 
