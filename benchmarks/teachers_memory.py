@@ -75,7 +75,7 @@ def write_config(work: Path, mode: str, args: argparse.Namespace) -> Path:
         "data": {"train": {"path": "train.jsonl"}},
         "teachers": [{"name": name, "path": name, "offload": mode} for name in TEACHERS],
         "student": {"init": {"strategy": "random", "teacher": "small", "num_layers": 2},
-                    "architecture": {"hidden_size": 256, "num_heads": 4, "ffn_hidden_size": 1024}},
+                    "architecture": {"hidden_size": 256, "num_attention_heads": 4, "ffn_hidden_size": 1024}},
         "stages": [{"name": "tmkd", "steps": args.steps, "methods": [{"name": "tmkd", "config": {"soft_loss": "kl"}}]}],
         "training": {"batch_size": args.batch_size},
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from gkd.testing import (
     TINY_HEADS,
     build_method,
     check_conformance,
+    check_tensor_parallel,
     context_of,
     outputs,
     run_step,
@@ -85,7 +87,7 @@ def test_tiny_models_match_their_shapes_and_run_like_the_trainer(family):
     assert list(models) == ["student", "teacher:deep", "teacher:shallow"]
     ctx = context_of(models)
     assert (ctx.student.num_layers, ctx.teachers["deep"].num_layers, ctx.teachers["shallow"].num_layers) == (2, 4, 3)
-    assert {s.num_heads for s in [ctx.student, *ctx.teachers.values()]} == {TINY_HEADS}
+    assert {s.num_attention_heads for s in [ctx.student, *ctx.teachers.values()]} == {TINY_HEADS}
     assert ctx.task == ("causal_lm" if family == "decoder" else "sequence_classification")
     assert ctx.student.head == ("lm" if family == "decoder" else "classification")
     assert ctx.student.has_pooler is (family == "encoder")
@@ -126,7 +128,7 @@ def test_build_method_validates_before_defaults_and_gives_state():
     with pytest.raises(GkdError, match=r"config\.atention: unknown key; did you mean 'attention'"):
         build_method("tinybert", {"atention": False})
     with pytest.raises(GkdError, match=r"^config\.attention: tinybert: the attention loss needs equal head counts"):
-        build_method("tinybert", student=shape(num_heads=2))
+        build_method("tinybert", student=shape(num_attention_heads=2))
     method, state = build_method("tinybert", with_state=True)
     assert state == {"teacher_map": [0, 2, 4], "map_block": -1} and method.context.stage_kind == "task"
     a, b = build_method(_spec(), seed=3), build_method(_spec(), seed=3)
@@ -169,7 +171,7 @@ def test_build_method_passes_the_tensor_parallel_size_and_checks_it_divides_the_
         build_method("kd", tensor_parallel=3)
     with pytest.raises(GkdError, match=r"^kd: tensor_parallel: 2 must divide the attention heads of teacher 't' "
                                        r"\(3\)$"):
-        build_method("kd", tensor_parallel=2, teachers={"t": shape(num_heads=3, hidden_size=48)})
+        build_method("kd", tensor_parallel=2, teachers={"t": shape(num_attention_heads=3, hidden_size=48)})
     with pytest.raises(GkdError, match=r"^kd: tensor_parallel: expected a positive integer, got 0$"):
         build_method("kd", tensor_parallel=0)
 
@@ -266,8 +268,55 @@ def test_conformance_names_the_broken_rule(spec, message):
 
 def test_unit_helpers_keep_their_defaults():
     s = shape()
-    assert (s.num_layers, s.hidden_size, s.num_heads, s.num_kv_heads, s.num_labels, s.head) == (4, 32, 4, 4, 3,
+    assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_kv_heads, s.num_labels, s.head) == (4, 32, 4, 4, 3,
                                                                                                  "classification")
     d = shape("decoder")
     assert d.num_labels is None and d.head == "lm" and d.has_pooler is False
     assert step(iteration=5, total=10).progress == 0.5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("name", "config", "family"), [
+    ("tinybert", {"prediction": True}, "encoder"),  # head-sharded attention scores + an owned projection
+    ("minilm", {}, "encoder"),                        # self-attention relations of sharded Q/K/V
+    ("kd", {"temperature": 2.0}, "decoder"),          # vocabulary-sharded logits of a tied LM head
+])
+def test_check_tensor_parallel_passes_for_builtin_methods(name, config, family):
+    report = check_tensor_parallel(name, config, family=family, steps=2)
+    assert len(report.loss) == 2 and all(math.isfinite(v) for v in report.loss)
+    assert report.terms[0] and set(report.terms[0]) == set(report.terms[1])
+    assert any(k.startswith("grad ") for k in report.max_diff) and max(report.max_diff.values()) <= 1e-5
+    if name == "tinybert":
+        assert any(k.startswith("grad method.") for k in report.max_diff)  # the method's own parameters compared
+
+
+class _LocalScores(Method):
+    """Attention-score MSE averaged over this rank's heads only: right at TP=1, wrong under TP
+    (a real method reduces over the TP group, e.g. ``losses.all_reduce_mean_over_tp``)."""
+
+    name = "local-scores"
+
+    def plan(self, step, state, pass_index, previous):
+        if pass_index:
+            return None
+        scores = frozenset({"layers.0.attention.scores"})
+        return PassPlan({STUDENT: ForwardRequest(features=scores), teacher_key("t"): ForwardRequest(features=scores)})
+
+    def loss(self, step, state, pass_index, outputs):
+        s = outputs.student.features["layers.0.attention.scores"]
+        t = outputs.teacher("t").features["layers.0.attention.scores"]
+        valid = losses.attention_valid_mask(outputs.batch["attention_mask"]).expand_as(s)
+        return {"scores": ((s - t)[valid] ** 2).mean()}
+
+
+LOCAL_SCORES = MethodSpec(name="local-scores", summary="test", citation="test", kind="single-teacher",
+                          stages=("task",), features=FeatureUse(teacher=("layers.{i}.attention.scores",),
+                                                                student=("layers.{i}.attention.scores",)),
+                          factory=_LocalScores)
+
+
+@pytest.mark.distributed
+def test_check_tensor_parallel_catches_a_method_that_ignores_sharding():
+    with pytest.raises(AssertionError, match=r"local-scores: step 0, (loss|scores) differs at TP=2 \(rank \d\) from "
+                                             r"TP=1 by [\d.e+-]+ > 1e-05"):
+        check_tensor_parallel(LOCAL_SCORES, steps=1)

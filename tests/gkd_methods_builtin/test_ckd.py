@@ -173,8 +173,8 @@ def test_shallow_teacher_and_missing_teacher_logits_are_config_issues():
 def test_long_sequences_of_wide_models_stay_cheap():
     """s = 128, 768 wide: the window angles come from [s, s] Gram matrices (b·L·s·W² entries), never
     from [s, W, d] difference vectors."""
-    m = build_method("ckd", RELATIONS_ONLY, student=shape(num_layers=2, hidden_size=768, num_heads=12),
-                     teachers={"t": shape(num_layers=2, hidden_size=768, num_heads=12)})
+    m = build_method("ckd", RELATIONS_ONLY, student=shape(num_layers=2, hidden_size=768, num_attention_heads=12),
+                     teachers={"t": shape(num_layers=2, hidden_size=768, num_attention_heads=12)})
     g = torch.Generator().manual_seed(2)
     taps = ["embeddings", "layers.0.output", "layers.1.output"]
     b, s = 4, 128

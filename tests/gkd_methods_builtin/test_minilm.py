@@ -123,7 +123,7 @@ def test_plan_reads_the_last_student_layer_and_teacher_layer():
 
 
 def test_shape_rules_name_the_field_and_models():
-    ctx = MethodContext(shape(num_heads=2), {"t": shape(num_heads=4)}, "sequence_classification", "pretrain")
+    ctx = MethodContext(shape(num_attention_heads=2), {"t": shape(num_attention_heads=4)}, "sequence_classification", "pretrain")
     issues = check_features(SPEC, {}, ctx)
     assert [(i.field, i.model) for i in issues] == [("attention_weight", "teacher 't'"), ("value_weight", "teacher 't'")]
     assert issues[0].message.startswith("minilm: the attention transfer compares heads one to one, but the student "
@@ -138,7 +138,7 @@ def test_shape_rules_name_the_field_and_models():
                               MethodContext(shape(), {"t": shape()}, "masked_lm", "pretrain"))
     assert issue.field == "attention_weight" and "nothing is distilled" in issue.message
     with pytest.raises(GkdError, match="compares heads one to one"):
-        build_method("minilm", {}, student=shape(num_heads=2), teachers={"t": shape(num_heads=4)}, check=False)
+        build_method("minilm", {}, student=shape(num_attention_heads=2), teachers={"t": shape(num_attention_heads=4)}, check=False)
     with pytest.raises(GkdError, match=r"config\.teacher_layer: minilm: teacher_layer is 0"):
         build_method("minilm", {"teacher_layer": 0})
 

@@ -25,8 +25,8 @@ S_HEADS, T_HEADS, D, R = 4, 8, 8, 4
 
 def _shapes(family):
     gqa = family == "decoder"
-    return (shape(family, num_layers=2, hidden_size=S_HEADS * D, num_heads=S_HEADS, num_kv_heads=2 if gqa else None),
-            shape(family, num_layers=4, hidden_size=T_HEADS * D, num_heads=T_HEADS, num_kv_heads=4 if gqa else None))
+    return (shape(family, num_layers=2, hidden_size=S_HEADS * D, num_attention_heads=S_HEADS, num_kv_heads=2 if gqa else None),
+            shape(family, num_layers=4, hidden_size=T_HEADS * D, num_attention_heads=T_HEADS, num_kv_heads=4 if gqa else None))
 
 
 def _method(family="encoder", **config):
@@ -46,8 +46,8 @@ def _features(family, seed=0):
     g = torch.Generator().manual_seed(seed)
     s, t = {}, {}
     for kind in ("query", "key", "value"):
-        sh = s_shape.num_heads if kind == "query" else s_shape.num_kv_heads
-        th = t_shape.num_heads if kind == "query" else t_shape.num_kv_heads
+        sh = s_shape.num_attention_heads if kind == "query" else s_shape.num_kv_heads
+        th = t_shape.num_attention_heads if kind == "query" else t_shape.num_kv_heads
         s[f"layers.1.attention.{kind}"] = torch.randn(B, sh, L, D, generator=g)
         t[f"layers.2.attention.{kind}"] = 2 * torch.randn(B, th, L, D, generator=g)
     return s, t

@@ -334,11 +334,11 @@ def test_shape_rules_name_the_field_and_models():
         ctx = MethodContext(student, {"t": teacher}, task, "pretrain")
         return check_features(SPEC, {**config} if config else {}, ctx)
 
-    (issue,) = issues(shape(num_heads=2, head="mlm"), shape(head="mlm"))
+    (issue,) = issues(shape(num_attention_heads=2, head="mlm"), shape(head="mlm"))
     assert issue.field == "attention_weight" and issue.model == "teacher 't'"
     assert "mobilebert: attention transfer compares heads one to one, but the student has 2 heads" in issue.message
-    assert issues(shape(num_heads=2, head="mlm"), shape(head="mlm"), {"attention_weight": 0}) == []
-    (issue,) = issues(shape(hidden_size=16, num_heads=4, head="mlm"), shape(head="mlm"))
+    assert issues(shape(num_attention_heads=2, head="mlm"), shape(head="mlm"), {"attention_weight": 0}) == []
+    (issue,) = issues(shape(hidden_size=16, num_attention_heads=4, head="mlm"), shape(head="mlm"))
     assert issue.field == "hidden_weight" and "hidden_size 16 and teacher 't' 32" in issue.message
     (issue,) = issues(shape(num_layers=5, head="mlm"), shape(head="mlm"))
     assert issue.field is None and "the student has 5 layers and teacher 't' 4" in issue.message
@@ -350,7 +350,7 @@ def test_shape_rules_name_the_field_and_models():
     (issue,) = issues(shape(head="mlm"), shape(head="mlm"), {"soft_weight": 0, "hard_weight": 0})
     assert issue.field == "hard_weight" and "pre-training distillation phase (k > S) has no loss" in issue.message
     with pytest.raises(GkdError, match="compares heads one to one"):
-        build_method("mobilebert", {}, student=shape(num_heads=2), teachers={"t": shape()}, check=False)
+        build_method("mobilebert", {}, student=shape(num_attention_heads=2), teachers={"t": shape()}, check=False)
     with pytest.raises(GkdError, match=r"config\.lower_layers: 'lock' is not one of"):
         build_method("mobilebert", {"lower_layers": "lock"})
     assert MobileBERT.exclusive({"hard_weight": 1.0}) == {"hard_loss": "hard_weight"}

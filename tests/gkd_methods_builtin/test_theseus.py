@@ -39,9 +39,9 @@ def _models(family: str, student_layers: int = 3, teacher_layers: int = 5) -> di
     """A student with 2 attention heads and a deeper teacher with 4 (head counts may differ)."""
     task = "sequence_classification" if family == "encoder" else "causal_lm"
     # initializer_range 0.2: layers that change their input a lot, so a swapped block shows in the logits
-    student = build_model(tiny_config(family, student_layers, task=task, num_heads=2, initializer_range=0.2),
+    student = build_model(tiny_config(family, student_layers, task=task, num_attention_heads=2, initializer_range=0.2),
                           seed=0).train()
-    teacher = build_model(tiny_config(family, teacher_layers, task=task, num_heads=4, initializer_range=0.2),
+    teacher = build_model(tiny_config(family, teacher_layers, task=task, num_attention_heads=4, initializer_range=0.2),
                           seed=1).eval()
     return {STUDENT: student, teacher_key("t"): teacher.requires_grad_(False)}
 
@@ -239,7 +239,7 @@ def test_checks_name_the_models_values_and_fix():
         ctx = MethodContext(s, {"t": t}, "sequence_classification", "task")
         return check_features(SPEC, config or {}, ctx)
 
-    assert issues(shape(num_layers=3, num_heads=2), shape(num_layers=5, num_heads=4)) == []  # heads may differ
+    assert issues(shape(num_layers=3, num_attention_heads=2), shape(num_layers=5, num_attention_heads=4)) == []  # heads may differ
     (issue,) = issues(shape("decoder", num_layers=2), shape(num_layers=4))
     assert issue.field is None and issue.model == "teacher 't'"
     assert "the student is a decoder and teacher 't' an encoder" in issue.message and "truncate" in issue.message

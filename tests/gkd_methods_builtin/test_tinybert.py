@@ -19,8 +19,8 @@ def _features(layers: int, hidden: int, gen: torch.Generator) -> dict[str, torch
 
 
 def _method(**config):
-    return build_method("tinybert", config, student=shape(num_layers=S, hidden_size=HS, num_heads=HEADS),
-                        teachers={"t": shape(num_layers=T, hidden_size=HT, num_heads=HEADS)}, with_state=True)
+    return build_method("tinybert", config, student=shape(num_layers=S, hidden_size=HS, num_attention_heads=HEADS),
+                        teachers={"t": shape(num_layers=T, hidden_size=HT, num_attention_heads=HEADS)}, with_state=True)
 
 
 def test_plan_requests_only_mapped_layers():
@@ -77,7 +77,7 @@ def test_random_mapping_is_state_and_resamples_per_block():
 
 
 def test_head_mismatch_is_a_feature_issue_on_the_attention_field():
-    ctx = MethodContext(shape(num_heads=2), {"t": shape(num_heads=4)}, "sequence_classification", "task")
+    ctx = MethodContext(shape(num_attention_heads=2), {"t": shape(num_attention_heads=4)}, "sequence_classification", "task")
     (issue,) = check_features(SPEC, {}, ctx)
     assert issue.field == "attention" and issue.model == "teacher 't'"
     assert issue.message.startswith("tinybert: the attention loss needs equal head counts (student 2, teacher 't' 4)")
@@ -86,8 +86,8 @@ def test_head_mismatch_is_a_feature_issue_on_the_attention_field():
 
 def test_constructor_raises_the_same_rules():
     with pytest.raises(GkdError, match="equal head counts"):
-        build_method("tinybert", {}, student=shape(num_heads=2), teachers={"t": shape(num_heads=4)}, check=False)
-    assert build_method("tinybert", {"attention": False}, student=shape(num_heads=2), teachers={"t": shape(num_heads=4)})
+        build_method("tinybert", {}, student=shape(num_attention_heads=2), teachers={"t": shape(num_attention_heads=4)}, check=False)
+    assert build_method("tinybert", {"attention": False}, student=shape(num_attention_heads=2), teachers={"t": shape(num_attention_heads=4)})
     with pytest.raises(GkdError, match="at least as deep as the student"):
         build_method("tinybert", {}, student=shape(num_layers=4), teachers={"t": shape(num_layers=2)}, check=False)
 

@@ -22,6 +22,7 @@ classes (encoders) or a tied LM head (decoders, 2 key/value heads: grouped-query
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -75,17 +76,17 @@ def default_task(family: str) -> str:
 # ---------------------------------------------------------------------------- unit level
 
 
-def shape(family: str = "encoder", num_layers: int = 4, hidden_size: int = TINY_HIDDEN, num_heads: int = TINY_HEADS,
+def shape(family: str = "encoder", num_layers: int = 4, hidden_size: int = TINY_HIDDEN, num_attention_heads: int = TINY_HEADS,
           vocab_size: int = TINY_VOCAB, num_labels: int | None = TINY_LABELS, *, num_kv_heads: int | None = None,
           ffn_hidden_size: int | None = None, head: str | None = None, has_pooler: bool | None = None) -> ModelShape:
-    """A :class:`ModelShape` for unit tests; every model gets ``num_heads`` = ``TINY_HEADS`` unless told.
+    """A :class:`ModelShape` for unit tests; every model gets ``num_attention_heads`` = ``TINY_HEADS`` unless told.
 
     ``head`` defaults to ``classification`` (encoders) or ``lm`` (decoders); ``num_labels`` is
     kept only for a classification head. ``has_pooler`` defaults to True for encoders.
     """
     head = head or ("lm" if family == "decoder" else "classification")
     pooler = has_pooler if has_pooler is not None else family == "encoder"
-    return ModelShape(family, num_layers, hidden_size, num_heads, num_kv_heads or num_heads,
+    return ModelShape(family, num_layers, hidden_size, num_attention_heads, num_kv_heads or num_attention_heads,
                       ffn_hidden_size or 4 * hidden_size, vocab_size, num_labels if head == "classification" else None,
                       head=head, has_pooler=pooler)
 
@@ -130,7 +131,7 @@ def _check_tensor_parallel(name: str, ctx: MethodContext) -> None:
         raise GkdError(f"{name}: tensor_parallel: expected a positive integer, got {tp!r}")
     models = [("the student", ctx.student), *((f"teacher '{n}'", s) for n, s in ctx.teachers.items())]
     for who, s in models:
-        for value, label in ((s.num_heads, "attention heads"), (s.num_kv_heads, "key/value heads"),
+        for value, label in ((s.num_attention_heads, "attention heads"), (s.num_kv_heads, "key/value heads"),
                              (s.ffn_hidden_size, "FFN width")):
             if value % tp:
                 raise GkdError(f"{name}: tensor_parallel: {tp} must divide the {label} of {who} ({value})")
@@ -264,7 +265,7 @@ def outputs(batch: Mapping[str, torch.Tensor], student: ModelView, teachers: Map
 
 
 def tiny_config(family: Family = "encoder", num_layers: int = 2, *, task: str | None = None, head: str | None = None,
-                hidden_size: int = TINY_HIDDEN, num_heads: int = TINY_HEADS, num_kv_heads: int | None = None,
+                hidden_size: int = TINY_HIDDEN, num_attention_heads: int = TINY_HEADS, num_kv_heads: int | None = None,
                 ffn_hidden_size: int = TINY_FFN, vocab_size: int = TINY_VOCAB, num_labels: int = TINY_LABELS,
                 **overrides: Any) -> ModelConfig:
     """The :class:`~gkd.models.ModelConfig` of a tiny model (no dropout, 64 positions).
@@ -276,11 +277,11 @@ def tiny_config(family: Family = "encoder", num_layers: int = 2, *, task: str | 
 
     head = head or HEAD_FOR_TASK[task or default_task(family)]
     common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-                                  num_attention_heads=num_heads, ffn_hidden_size=ffn_hidden_size, head=head,
+                                  num_attention_heads=num_attention_heads, ffn_hidden_size=ffn_hidden_size, head=head,
                                   num_labels=num_labels, hidden_dropout=0.0, attention_dropout=0.0,
                                   max_position_embeddings=64)
     if family == "decoder":
-        common |= dict(num_kv_heads=num_kv_heads or min(TINY_DECODER_KV_HEADS, num_heads), hidden_act="silu",
+        common |= dict(num_kv_heads=num_kv_heads or min(TINY_DECODER_KV_HEADS, num_attention_heads), hidden_act="silu",
                        norm_eps=1e-6)
     elif num_kv_heads is not None:
         common["num_kv_heads"] = num_kv_heads
@@ -290,7 +291,7 @@ def tiny_config(family: Family = "encoder", num_layers: int = 2, *, task: str | 
 def tiny_models(family: Family = "encoder", *, teacher_layers: int = 4, student_layers: int = 2,
                 teachers: Sequence[str] | Mapping[str, int] = ("t",), task: str | None = None,
                 teacher_head: str | None = None, student_hidden_size: int = TINY_HIDDEN,
-                teacher_hidden_size: int = TINY_HIDDEN, num_heads: int = TINY_HEADS, seed: int = 0,
+                teacher_hidden_size: int = TINY_HIDDEN, num_attention_heads: int = TINY_HEADS, seed: int = 0,
                 device: torch.device | str = "cpu") -> dict[str, GkdModel]:
     """A student and its teachers, tiny real gkd models (megatron-core), seeded.
 
@@ -300,7 +301,7 @@ def tiny_models(family: Family = "encoder", *, teacher_layers: int = 4, student_
         teachers: Teacher names, or ``{name: num_layers}`` (e.g. two teachers of different depth).
         task: Sets the heads (default :func:`default_task`).
         teacher_head: Another head for the teachers, e.g. ``"none"`` (no logits).
-        student_hidden_size, teacher_hidden_size, num_heads: Widths and heads.
+        student_hidden_size, teacher_hidden_size, num_attention_heads: Widths and heads.
         seed: The student is built with ``seed``, teacher k with ``seed + 1 + k``.
 
     Returns:
@@ -313,10 +314,10 @@ def tiny_models(family: Family = "encoder", *, teacher_layers: int = 4, student_
     task = task or default_task(family)
     models: dict[str, GkdModel] = {
         STUDENT: build_model(tiny_config(family, student_layers, task=task, hidden_size=student_hidden_size,
-                                         num_heads=num_heads), seed=seed, device=device).train()}
+                                         num_attention_heads=num_attention_heads), seed=seed, device=device).train()}
     for k, (name, layers) in enumerate(depths.items()):
         cfg = tiny_config(family, layers, task=task, head=teacher_head, hidden_size=teacher_hidden_size,
-                          num_heads=num_heads)
+                          num_attention_heads=num_attention_heads)
         teacher = build_model(cfg, seed=seed + 1 + k, device=device).eval()
         models[teacher_key(name)] = teacher.requires_grad_(False)
     return models
@@ -629,6 +630,128 @@ def check_conformance(name: str | MethodSpec, config: Mapping[str, Any] | None =
     return report
 
 
+@dataclass
+class TensorParallelReport:
+    """What :func:`check_tensor_parallel` compared: the reference (TP=1) loss and terms per step,
+    and the largest absolute difference seen over every rank for the loss, each term and each
+    gradient (student parameters by name, the method's own as ``method.<name>``)."""
+
+    loss: list[float]
+    terms: list[dict[str, float]]
+    max_diff: dict[str, float]
+
+
+def _tp_worker(dirs: Mapping[str, str], name: str | tuple[MethodSpec, Any], config: Mapping[str, Any] | None,
+               task: str, family: Family, seed: int, steps: int) -> dict[str, Any]:
+    """One rank of :func:`check_tensor_parallel`: the method's steps on the saved tiny models.
+    ``name`` is a registered name, or a spec without its factory plus a reference to the factory
+    (a class in a test module does not unpickle in a fresh process)."""
+    from gkd import parallel
+    from gkd.models import from_pretrained
+    from gkd.parallel.launch import _resolve
+
+    if not isinstance(name, str):
+        bare, factory = name
+        name = dataclasses.replace(bare, factory=_resolve(factory))
+
+    models: dict[str, nn.Module] = {key: from_pretrained(d, frozen=key != STUDENT) for key, d in dirs.items()}
+    models[STUDENT].train()
+    method, state = build_method(name, config, models=models, task=task, seed=seed,
+                                 tensor_parallel=parallel.tp_world_size(), with_state=True)
+    sel = selected(method, state=state)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"loss": [], "terms": [], "grads": []}
+    for i in range(steps):
+        for p in [*models[STUDENT].parameters(), *method.parameters()]:
+            p.grad = None
+        result = run_step(sel, models, tiny_batch(family, task, generator=g), iteration=i, total=steps, seed=seed,
+                          setup=i == 0, after_step=True)
+        result.loss.backward()
+        grads = full_gradients(models[STUDENT])
+        grads |= {f"method.{n}": p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        out["loss"].append(float(result.loss.detach()))
+        out["terms"].append({k: float(v.detach()) for k, v in result.terms.items()})
+        out["grads"].append(grads)
+    return out
+
+
+def check_tensor_parallel(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *,
+                          family: Family = "encoder", task: str | None = None, tensor_parallel: int = 2,
+                          teachers: Sequence[str] | Mapping[str, int] | None = None, student_layers: int = 2,
+                          teacher_layers: int = 4, steps: int = 2, seed: int = 0,
+                          tolerance: float = 1e-5) -> TensorParallelReport:
+    """Check that a method gives the same loss, terms and gradients under tensor parallelism as
+    on one process: the same tiny models and batches at TP=1 and at TP=``tensor_parallel``
+    (``tensor_parallel`` local gloo processes, megatron-core's TP groups, the engine's
+    ``distill_step``), every rank compared with the reference.
+
+    This is what the engine's own TP tests check for the built-in methods; use it in a plugin's
+    tests when the method reads sharded features (attention scores, Q/K/V, FFN activations,
+    vocabulary-sharded logits) or owns parameters. Takes a few seconds (process start-up).
+
+    Args:
+        name: A registered method name (workers load installed plugins afresh), or a
+            :class:`MethodSpec` whose factory is a module-level class or function.
+        config, family, task, teachers, student_layers, teacher_layers, seed: As for
+            :func:`check_conformance` (the method's parameters are initialised from ``seed`` on
+            every rank, so replicated parameters start equal).
+        tensor_parallel: The TP size to compare with TP=1; it must divide the tiny models'
+            heads (4; decoders have 2 key/value heads) and FFN width (64).
+        steps: Steps run, each on its own batch, with the method's state carried over.
+        tolerance: Largest absolute difference allowed (float32 reductions differ in order).
+
+    Returns:
+        The :class:`TensorParallelReport`.
+
+    Raises:
+        AssertionError: A loss, term or gradient differs by more than ``tolerance``, or a term
+            or gradient exists at one TP size only; the message names it and the difference.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from gkd import parallel
+    from gkd.models import build_model, export_hf
+    from gkd.parallel.launch import _reference
+
+    spec = _spec(name)
+    task = task or default_task(family)
+    if teachers is None:
+        teachers = ({"t1": teacher_layers, "t2": max(student_layers, teacher_layers - 1)}
+                    if spec.kind == "multi-teacher" else {"t": teacher_layers})
+    depths = dict(teachers) if isinstance(teachers, Mapping) else dict.fromkeys(teachers, teacher_layers)
+    with tempfile.TemporaryDirectory(prefix="gkd-tp-check-") as root:
+        dirs = {STUDENT: str(Path(root) / STUDENT)}
+        export_hf(build_model(tiny_config(family, student_layers, task=task), seed=seed), dirs[STUDENT])
+        for k, (teacher, layers) in enumerate(depths.items()):
+            dirs[teacher_key(teacher)] = str(Path(root) / f"teacher-{teacher}")
+            export_hf(build_model(tiny_config(family, layers, task=task), seed=seed + 1 + k),
+                      dirs[teacher_key(teacher)])
+        method = name if isinstance(name, str) else (dataclasses.replace(spec, factory=None), _reference(spec.factory))
+        call = (dirs, method, config, task, family, seed, steps)
+        (ref,) = parallel.run_distributed(_tp_worker, 1, *call)
+        ranks = parallel.run_distributed(_tp_worker, tensor_parallel, *call)
+    worst: dict[str, float] = {}
+
+    def compare(what: str, want: float | torch.Tensor, got: float | torch.Tensor, rank: int, i: int) -> None:
+        diff = float((torch.as_tensor(got) - torch.as_tensor(want)).abs().max())
+        worst[what] = max(worst.get(what, 0.0), diff)
+        if not diff <= tolerance:
+            raise AssertionError(f"{spec.name}: step {i}, {what} differs at TP={tensor_parallel} (rank {rank}) from "
+                                 f"TP=1 by {diff:.3g} > {tolerance:g}")
+
+    for rank, got in enumerate(ranks):
+        for i in range(steps):
+            compare("loss", ref["loss"][i], got["loss"][i], rank, i)
+            for kind in ("terms", "grads"):
+                missing = ref[kind][i].keys() ^ got[kind][i].keys()
+                if missing:
+                    raise AssertionError(f"{spec.name}: step {i}, {kind} present at one TP size only: {sorted(missing)}")
+                for key, want in ref[kind][i].items():
+                    compare(key if kind == "terms" else f"grad {key}", want, got[kind][i][key], rank, i)
+    return TensorParallelReport(ref["loss"], ref["terms"], worst)
+
+
 def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every gradient of a gkd model in its TP=1 layout (shards gathered, vocabulary padding
     dropped), for tests that compare a step at TP=k with TP=1. Collective under tensor
@@ -657,8 +780,10 @@ __all__ = [
     "TINY_LABELS",
     "TINY_VOCAB",
     "Conformance",
+    "TensorParallelReport",
     "build_method",
     "check_conformance",
+    "check_tensor_parallel",
     "context_of",
     "default_task",
     "full_gradients",

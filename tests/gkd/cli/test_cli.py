@@ -119,9 +119,9 @@ def test_real_subprocess_three_mistakes(tmp_path, run_gkd):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == f"Error: {bad}: 3 error(s)"
-    assert lines[1] == "data.train.limit: -5 is less than the minimum of 1"
-    assert lines[2].startswith("stages[2].methods[0].name: unknown method 'kdx'; did you mean 'kd'?")
-    assert lines[3].startswith("student.init.colour: unknown key; allowed keys: strategy, path, teacher, layers")
+    assert lines[1] == f"{bad}: data.train.limit: -5 is less than the minimum of 1"
+    assert lines[2].startswith(f"{bad}: stages[2].methods[0].name: unknown method 'kdx'; did you mean 'kd'?")
+    assert lines[3].startswith(f"{bad}: student.init.colour: unknown key; allowed keys: strategy, path, teacher, layers")
     assert "Traceback" not in proc.stderr + proc.stdout
 
 

@@ -183,7 +183,7 @@ def test_sizes_and_named_scales():
     assert parse_count("1.3B") == 1_300_000_000 and parse_count("350m") == 350_000_000
     assert parse_bytes("40GiB") == 40 * GiB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("16") == 16 * GiB
     big = architecture_from_spec("100B")
-    assert (big.num_layers, big.hidden_size, big.num_heads) == (80, 10240, 80)
+    assert (big.num_layers, big.hidden_size, big.num_attention_heads) == (80, 10240, 80)
     derived = architecture_from_spec("10B")
     assert abs(derived.num_parameters() - 10e9) < 0.2e9
     wide = architecture_from_spec("2B,hidden=2048")

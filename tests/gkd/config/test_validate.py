@@ -23,13 +23,14 @@ def write_checkpoint(path: Path, **overrides) -> Path:
     cfg = {"model_type": "bert", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
            "intermediate_size": 128} | overrides
     (path / "config.json").write_text(json.dumps(cfg))
+    (path / "model.safetensors").write_bytes(b"")  # validation checks that weights exist, not what they hold
     return path
 
 
 def base_config(tmp_path: Path) -> dict:
     write_checkpoint(tmp_path / "teacher")
     write_checkpoint(tmp_path / "teacher2")
-    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
     return {
         "task": {"type": "sequence_classification"},
         "data": {"train": {"path": "train.jsonl"}},
@@ -157,7 +158,7 @@ def test_every_section_is_typed(tmp_path, registry):
     )
 
     cfg = base_config(tmp_path)
-    cfg["student"]["architecture"] = {"num_heads": 2}
+    cfg["student"]["architecture"] = {"num_attention_heads": 2}
     cfg["export"] = {"dir": "out"}
     run = load(tmp_path, cfg, registry)
     assert isinstance(run.task, TaskConfig) and run.task.max_length == 128
@@ -183,7 +184,7 @@ def test_published_teacher_is_a_default_teacher_of_later_stages(tmp_path, regist
 
 def test_features_that_do_not_fit_the_models_are_rejected_before_any_model_is_built(tmp_path, registry):
     cfg = base_config(tmp_path)
-    cfg["student"]["architecture"] = {"num_heads": 2}
+    cfg["student"]["architecture"] = {"num_attention_heads": 2}
     cfg["stages"][0]["methods"] = [{"name": "tinybert"}]
     found = messages(tmp_path, cfg, registry)
     assert len(found) == 1, found

@@ -161,7 +161,7 @@ def test_distances_equal_direct_computation_other_widths_and_heads():
     # A causal LM student of half the width with half the query heads (same key/value heads and
     # head size): only width-free measures, head-averaged attention maps, concatenated query heads.
     teacher = build_model(tiny_config("decoder", 3), seed=1).eval()
-    student = build_model(tiny_config("decoder", 2, hidden_size=16, num_heads=2), seed=2).eval()
+    student = build_model(tiny_config("decoder", 2, hidden_size=16, num_attention_heads=2), seed=2).eval()
     batch = _batch("decoder")
     recorded = measure(student, {"t": teacher}, _chunks(batch, 3), {"t": [2, 0]}, TEMPERATURES)
     direct = _direct(student, teacher, batch, [2, 0])

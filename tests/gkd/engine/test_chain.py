@@ -24,6 +24,7 @@ from gkd.engine.assets import RunAssets
 from gkd.engine.chain import LINK_DIR, TEACHER_META
 from gkd.engine.checkpoint import find_latest
 from gkd.engine.resume import first_changed_stage
+from gkd.engine.serialize import sha256_file
 from gkd.engine.trainer import Trainer, TrainingInterrupted
 from gkd.errors import GkdError
 from gkd.models import ModelConfig, build_model, export_hf
@@ -99,10 +100,14 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def copy_run(src: Path, dst: Path) -> Path:
     """A copy of a finished run in another directory (timestamps kept; the checkpoints' saved config
-    names the new run_dir, as if it had run there)."""
+    names the new run_dir, as if it had run there: their markers record the edited file's size and hash)."""
     shutil.copytree(src, dst)
     for saved in (dst / "checkpoints").glob("step-*/config.json"):
         saved.write_text(json.dumps(json.loads(saved.read_text()) | {"run_dir": str(dst)}))
+        marker = json.loads((saved.parent / "COMPLETE").read_text())
+        marker["files"]["config.json"] = saved.stat().st_size
+        marker["sha256"]["config.json"] = sha256_file(saved)
+        (saved.parent / "COMPLETE").write_text(json.dumps(marker))
     return dst
 
 

@@ -3,6 +3,8 @@ stage's end; ``every_steps: 0`` switches the lines off."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gkd.config.schema import run_schema, schema_issues
@@ -19,8 +21,22 @@ def lines(every: int, total: int = 5, start: int = 0) -> list[str]:
 
 
 def test_line_mode_prints_every_n_steps_and_the_last():
-    assert lines(2) == [f"[1/2] kd step {s}/5 loss 0.5000 lr 1.00e-04" for s in (2, 4, 5)]
+    shown = lines(2)
+    assert [line.split(" loss")[0] for line in shown] == [f"[1/2] kd step {s}/5 ({p}%)" for s, p in
+                                                          ((2, 40), (4, 80), (5, 100))]
+    pace = re.compile(r"^\[1/2\] kd step \d/5 \(\d+%\) loss 0\.5000 lr 1\.00e-04 [\d.e+]+ step/s, \d+:\d\d left$")
+    assert all(pace.match(line) for line in shown), shown
+    assert shown[-1].endswith(" 0:00 left")
     assert [line.split()[3] for line in lines(2, start=3)] == ["4/5", "5/5"]
+
+
+def test_line_mode_pace_counts_only_steps_of_this_process(monkeypatch):
+    clock = iter([100.0, 104.0])
+    monkeypatch.setattr("gkd.engine.progress.time.monotonic", lambda: next(clock))
+    out: list[str] = []
+    shown = StageProgress(total=20, start=10, desc="[1/1] kd", bar=False, every=2, echo=out.append)
+    shown.update(12, loss=0.5, lr=1e-4)  # 2 steps in 4 s after resuming at step 10: 0.5 step/s, 8 steps left
+    assert out == ["[1/1] kd step 12/20 (60%) loss 0.5000 lr 1.00e-04 0.5 step/s, 0:16 left"]
 
 
 def test_every_steps_zero_switches_lines_off():

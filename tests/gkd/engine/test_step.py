@@ -168,3 +168,19 @@ def test_missing_model_is_reported():
     m = Recorder({"passes": 1, "student": [], "teacher": []}, ctx())
     with pytest.raises(KeyError, match="teacher:t"):
         distill_step({STUDENT: TapModel(0)}, {"m": SelectedMethod(m, 1.0)}, contexts(["m"]), batch())
+
+
+def test_parts_of_a_term_are_logged_weighted_and_detached_but_never_added():
+    models = {STUDENT: TapModel(0), "teacher:t": TapModel(1)}
+    m = Recorder({"passes": 1, "student": ["layers.0.output", "layers.1.output"], "teacher": []}, ctx())
+
+    def loss(step, state, pass_index, outputs):
+        a, b = (outputs.student.features[f"layers.{i}.output"].pow(2).mean() for i in (0, 1))
+        return {"feat": a + b, "feat/0": a, "feat/1": b}
+
+    m.loss = loss
+    result = distill_step(models, {"m": SelectedMethod(m, 0.5)}, contexts(["m"]), batch())
+    assert set(result.terms) == {"m.feat", "m.feat/0", "m.feat/1"}
+    assert torch.equal(result.loss, result.terms["m.feat"])  # the parts are not added again
+    assert not result.terms["m.feat/0"].requires_grad and result.terms["m.feat"].requires_grad
+    assert torch.allclose(result.terms["m.feat/0"] + result.terms["m.feat/1"], result.terms["m.feat"].detach())

@@ -67,7 +67,7 @@ def checkpoints(tmp_path_factory) -> tuple[str, str]:
 def test_distillation_step_tp2_equals_tp1(checkpoints):
     (ref,) = parallel.run_distributed(_step, 1, *checkpoints)
     tp2 = parallel.run_distributed(_step, 2, *checkpoints)
-    assert set(ref["terms"]) == {"tinybert.hidden", "tinybert.attention", "tinybert.prediction", "kd.soft", "kd.hard"}
+    assert {k for k in ref["terms"] if "/" not in k} == {"tinybert.hidden", "tinybert.attention", "tinybert.prediction", "kd.soft", "kd.hard"}
     assert any(ref["kinds"].values())  # some student parameters really are sharded at TP=2
     for rank in tp2:
         assert abs(rank["loss"] - ref["loss"]) <= TOL

@@ -1,11 +1,15 @@
-"""``logging.tensorboard``: the event files hold exactly metrics.jsonl's numbers (also across a
-resume), and a missing ``tensorboard`` package is a one-line error naming the extra."""
+"""``logging.tensorboard`` and ``logging.wandb``: the event files and the W&B run hold exactly
+metrics.jsonl's numbers (also across a resume), and a missing package is a one-line error naming
+the extra."""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
+import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +54,7 @@ def workspace(tmp_path_factory, minilm_dir) -> Path:
     return root
 
 
-def write_config(root: Path, run_dir: Path, tensorboard: bool = True) -> Path:
+def write_config(root: Path, run_dir: Path, tensorboard: bool = True, wandb: bool | dict = False) -> Path:
     cfg = {
         "name": "tiny", "run_dir": str(run_dir), "seed": 7,
         "task": {"type": "sequence_classification", "max_length": 16},
@@ -63,7 +67,7 @@ def write_config(root: Path, run_dir: Path, tensorboard: bool = True) -> Path:
         ],
         "training": {"batch_size": 4, "eval_batch_size": 8, "eval_every_steps": 2},
         "checkpoint": {"every_steps": 2, "keep_last": 10},
-        "logging": {"progress": False, "plot": False, "tensorboard": tensorboard},
+        "logging": {"progress": False, "plot": False, "tensorboard": tensorboard, "wandb": wandb},
         "export": {"enabled": False},
     }
     path = root / f"{run_dir.name}.yaml"
@@ -159,3 +163,75 @@ def test_missing_package_is_one_line_naming_the_extra(workspace, registry, monke
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(GkdError, match=r"^logging\.tensorboard: .*gkd-core\[tensorboard\]'$"):
         MetricsLogger(tmp_path, tensorboard=True)
+
+
+def wandb_history(run_dir: Path) -> list[dict[int, dict[str, float]]]:
+    """Each offline W&B run under ``run_dir/wandb``: its logged numbers by step and tag, read
+    from the run's ``.wandb`` file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))):
+        data, pos, chunk, history = Path(path).read_bytes(), 7, b"", {}
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, size, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = chunk + data[pos + 7:pos + 7 + size], pos + 7 + size
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(chunk)
+                chunk = b""
+                if record.WhichOneof("record_type") == "history":
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    step = int(items.pop("_step"))
+                    history.setdefault(step, {}).update(
+                        {k: v for k, v in items.items() if not k.startswith("_")})
+        runs.append(history)
+    return runs
+
+
+def settled_wandb_history(run_dir: Path, last_step: int, timeout_s: float = 30.0) -> list[dict[int, dict[str, float]]]:
+    """:func:`wandb_history` once the last step is on disk: ``run.finish()`` returns when W&B's
+    service has the records, and its writer may append them to the file a moment later (seen
+    once in five runs on this loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = wandb_history(run_dir)
+        if (runs and last_step in runs[-1]) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def by_step(scalars: dict[str, dict[int, float]]) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for tag, steps in scalars.items():
+        for step, value in steps.items():
+            out.setdefault(step, {})[tag] = value
+    return out
+
+
+def test_wandb_offline_run_holds_every_term_of_every_step_across_a_resume(workspace, registry):
+    pytest.importorskip("wandb")
+    run_dir = workspace / "wandb"
+    config = write_config(workspace, run_dir, tensorboard=False, wandb={"project": "gkd-test", "tags": ["tiny"]})
+    with pytest.raises(TrainingInterrupted):
+        run(config, registry, stop_after=3)  # checkpoint at 2: step 3 is logged, then dropped on resume
+    (first,) = settled_wandb_history(run_dir, last_step=3)
+    assert sorted(first) == [1, 2, 3]
+    run(config, registry)
+    (history,) = settled_wandb_history(run_dir, last_step=6)  # the first start's offline run was replaced
+    assert history == by_step(expected_scalars(run_dir))  # every term, bit for bit (W&B keeps float64)
+    assert {"train/tinybert.hidden", "train/kd.soft", "train/lr", "eval/accuracy"} <= set().union(*history.values())
+
+
+def test_wandb_missing_package_is_one_line_naming_the_extra(workspace, registry, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "wandb" else find_spec(name, *a, **k))
+    config = write_config(workspace, workspace / "no-wandb", tensorboard=False, wandb=True)
+    result = CliRunner().invoke(cli, ["validate", str(config)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert any("logging.wandb: needs the wandb package" in line and "gkd-core[wandb]" in line
+               for line in result.output.splitlines()), result.output

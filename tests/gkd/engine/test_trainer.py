@@ -77,10 +77,20 @@ def test_full_run_logs_every_term_and_exports(workspace, registry):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["global_step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    assert set(train[0]["terms"]) == {"tinybert.hidden", "tinybert.attention"}
-    assert set(train[-1]["terms"]) == {"kd.soft", "kd.hard"}
-    for r in train:
-        assert r["loss"] == pytest.approx(sum(r["terms"].values()), rel=1e-5)
+    whole = [{k: v for k, v in r["terms"].items() if "/" not in k} for r in train]
+    assert set(whole[0]) == {"tinybert.hidden", "tinybert.attention"}
+    assert set(whole[-1]) == {"kd.soft", "kd.hard"}
+    # Each layer pair's part of a TinyBERT term is logged too (2 student layers; the random map
+    # picks the teacher's) and sums to the term: hidden states 0 (embeddings), 1, 2; attention 0, 1.
+    parts = {k: v for k, v in train[0]["terms"].items() if "/" in k}
+    pairs = sorted((k.split("/")[0], *map(int, k.split("/")[1].split("-"))) for k in parts)
+    assert [(term, s) for term, s, _ in pairs] == [("tinybert.attention", 0), ("tinybert.attention", 1),
+                                                   ("tinybert.hidden", 0), ("tinybert.hidden", 1), ("tinybert.hidden", 2)]
+    assert ("tinybert.hidden", 0, 0) in pairs and all(0 <= t <= 4 for _, _, t in pairs)
+    for term in ("tinybert.hidden", "tinybert.attention"):
+        assert sum(v for k, v in parts.items() if k.startswith(term + "/")) == pytest.approx(whole[0][term], rel=1e-5)
+    for r, w in zip(train, whole, strict=True):
+        assert r["loss"] == pytest.approx(sum(w.values()), rel=1e-5)  # parts are never added to the loss
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
     rows = {r["model"]: r for r in summary["models"]}
     assert rows["student"]["layers"] == 2 and 0.0 <= rows["student"]["accuracy"] <= 1.0
@@ -111,9 +121,11 @@ def test_resume_is_bitwise_identical(workspace, registry):
 
 
 def test_teacher_finetune_stage_is_reused(workspace, registry):
+    """A re-run reuses the fine-tuned teacher, and its student is bitwise the first run's: the
+    student stage draws from its own seed (dropout is on), not from what fine-tuning consumed."""
     run_dir = workspace / "ft"
     stages = [{"name": "ft", "train": "teacher:t", "steps": 2},
-              {"name": "kd", "steps": 1, "methods": [{"name": "kd"}]}]
+              {"name": "kd", "steps": 2, "methods": [{"name": "kd"}]}]
     config = write_config(workspace, run_dir, stages=stages)
     run(config, registry)
     teacher = run_dir / "teachers" / "t" / "model.safetensors"
@@ -121,11 +133,14 @@ def test_teacher_finetune_stage_is_reused(workspace, registry):
     before = load_file(str(workspace / "teacher" / "model.safetensors"))["classifier.weight"]
     after = load_file(str(teacher))["classifier.weight"]
     assert not torch.equal(before, after)  # it was trained
+    student = load_file(str(find_latest(run_dir) / "model.safetensors"))
     shutil.rmtree(run_dir / "checkpoints")
     messages = []
     Trainer(load_run_config(config, registry=registry), registry, progress=False, echo=messages.append).execute()
     assert teacher.stat().st_mtime_ns == first
     assert any("reusing the fine-tuned teacher 't'" in m for m in messages)
+    again = load_file(str(find_latest(run_dir) / "model.safetensors"))
+    assert student.keys() == again.keys() and all(torch.equal(student[k], again[k]) for k in student)
 
 
 def test_distill_cli_rejects_bad_set_keys(workspace):
@@ -257,4 +272,5 @@ def test_bf16_teacher_and_progress_lines(workspace, registry):
     records = [json.loads(line) for line in (workspace / "bf16" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
     assert [m.split(" loss")[0] for m in messages if " step " in m and "loss" in m] == [
-        "[1/2] tinybert step 2/3", "[1/2] tinybert step 3/3", "[2/2] kd step 2/3", "[2/2] kd step 3/3"]
+        "[1/2] tinybert step 2/3 (66%)", "[1/2] tinybert step 3/3 (100%)", "[2/2] kd step 2/3 (66%)",
+        "[2/2] kd step 3/3 (100%)"]

@@ -1,9 +1,10 @@
 """The examples of docs/writing-methods.md and docs/models.md run as written.
 
-The method guide's ``file=`` blocks are written to a package directory that goes on the path
-next to a ``*.dist-info`` with the ``pyproject.toml``'s entry points (what ``pip install``
-provides), then its own tests run and the console blocks are compared with what the commands
-print. The LRC-BERT sketch runs through the engine on tiny models.
+The method guide's ``file=`` blocks are the files of ``examples/plugin/`` (checked equal, so neither
+can drift). That package is copied to a directory that goes on the path next to a ``*.dist-info``
+with the ``pyproject.toml``'s entry points (what ``pip install`` provides), then its own tests run
+and the console blocks are compared with what the commands print (a real ``pip install`` of it is
+tests/docs/test_plugin_package.py). The LRC-BERT sketch runs through the engine on tiny models.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[3] / "docs"
+ROOT = Path(__file__).resolve().parents[3]
+DOCS = ROOT / "docs"
+PLUGIN = ROOT / "examples" / "plugin"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```$", re.M | re.S)
 
 
@@ -31,6 +34,22 @@ def _blocks(doc: str) -> list[tuple[str, str, str]]:
 def _files() -> dict[str, str]:
     return {info.removeprefix("file="): body for _, info, body in _blocks("writing-methods.md")
             if info.startswith("file=")}
+
+
+def _plugin_files() -> dict[str, str]:
+    """The files of examples/plugin (caches and build output left out)."""
+    skip = {"__pycache__", ".pytest_cache", "build", "dist"}
+    return {p.relative_to(PLUGIN).as_posix(): p.read_text() for p in sorted(PLUGIN.rglob("*"))
+            if p.is_file() and not skip & set(p.relative_to(PLUGIN).parts) and not p.parent.name.endswith(".egg-info")}
+
+
+def test_the_guide_shows_exactly_the_files_of_examples_plugin():
+    doc, package = _files(), _plugin_files()
+    assert {"pyproject.toml", "src/gkd_hidden_cos/__init__.py", "src/gkd_hidden_cos/method.py",
+            "src/gkd_hidden_cos/schema.json", "tests/test_hidden_cos.py", "use.yaml"} <= set(doc)
+    assert set(doc) == set(package), "docs/writing-methods.md's file= blocks and examples/plugin differ in files"
+    for name, body in doc.items():
+        assert body == package[name], f"docs/writing-methods.md's file={name} differs from examples/plugin/{name}"
 
 
 def _consoles() -> list[tuple[str, str]]:
@@ -53,9 +72,7 @@ def _expected(command: str) -> str:
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("gkd-hidden-cos")
-    files = _files()
-    assert {"pyproject.toml", "src/gkd_hidden_cos/__init__.py", "src/gkd_hidden_cos/method.py",
-            "src/gkd_hidden_cos/schema.json", "tests/test_hidden_cos.py", "use.yaml"} <= set(files)
+    files = _plugin_files()
     for name, body in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(body)

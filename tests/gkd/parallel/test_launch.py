@@ -1,7 +1,8 @@
 """``gkd distill`` under real launchers: torchrun and the ``deepspeed`` launcher on 2 CPU processes,
 a 2-"node" rendezvous on localhost, bad input on every rank, and a rank killed mid-training.
 
-Every launched job runs the installed ``gkd`` console script, as a user would. The jobs of one
+Every launched job runs the installed ``gkd`` console script, as a user would (the jobs of
+docs/parallel.md §1 and the two-process command of README.md). The jobs of one
 test start together (they overlap their start-up, which dominates on small CPUs); the first
 tests check the launcher environment and the layout rules without starting any process.
 """
@@ -250,7 +251,7 @@ def test_bad_input_stops_every_rank_with_one_line(workspace: Path, launched: lis
     results = finish(launched, timeout=240)
     assert time.monotonic() - started < 240
     expected = {
-        "bad-config": [f"Error: {bad_config}: 1 error(s)", "seed: -1 is less than the minimum of 0"],
+        "bad-config": [f"Error: {bad_config}: 1 error(s)", f"{bad_config}: seed: -1 is less than the minimum of 0"],
         "bad-layout": ["Error: parallel.data_parallel: 4, but this job has 2 process(es) / tensor_parallel 1 = 2; "
                        "start 4 processes or set data_parallel: auto"],
         "bad-precision": ["Error: stages[0].training.precision: 'fp16' needs CUDA; use fp32 on CPU"],
@@ -302,7 +303,55 @@ def test_a_killed_rank_ends_the_job(workspace: Path, launched: list[subprocess.P
     assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers.values())
     # The 2-"node" survivor told it itself, on one line, before its launcher reported it.
     survivor = results[1][2]
-    assert re.search(r"^Error: rank 0: lost another process of this job \(.+\): it exited, or did not answer within "
-                     r"parallel.timeout_s \(30 s\); the process that failed first says why$",
+    assert re.search(r"^Error: rank 0: lost rank 1 \(no heartbeat for 2 s\) of this job \(.+\): it exited, or did not "
+                     r"answer within parallel.timeout_s \(30 s\); the process that failed first says why$",
                      survivor, re.M), survivor
     assert not re.search(r'File ".*/gkd/', survivor), survivor
+
+
+@distributed
+def test_a_dead_rank_is_named_by_the_survivor(workspace: Path, launched: list[subprocess.Popen[str]]) -> None:
+    """Two plain gloo processes per job (``RANK``/``WORLD_SIZE``/``MASTER_*`` set by hand, no launcher
+    to stop the survivor): ``kill -9`` of rank 1 in one job and of rank 0 (which holds the job's store)
+    in the other. Each survivor exits 1 on its own, well within ``parallel.timeout_s``, with one line
+    naming the dead rank."""
+    timeout_s = 30
+    jobs = [write_config(workspace, name, steps=100_000, parallel={"timeout_s": timeout_s},
+                         logging={"progress": False, "every_steps": 1000}, checkpoint={"every_steps": 0})
+            for name in ("dead-rank1", "dead-rank0")]
+    procs: dict[tuple[int, int], subprocess.Popen[str]] = {}
+    for job, config in enumerate(jobs):
+        port = str(find_free_port())
+        for rank in (0, 1):
+            env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": port}
+            procs[job, rank] = start_with(env, [GKD, "distill", str(config)], workspace)
+    launched += list(procs.values())
+    for config in jobs:
+        metrics = workspace / config.stem / "metrics.jsonl"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in launched), "training never started"
+            time.sleep(0.2)
+    killed = time.monotonic()
+    procs[0, 1].kill()
+    procs[1, 0].kill()
+    survivors = {(0, 0): r"rank 1 \(no heartbeat for 2 s\)",
+                 (1, 1): r"rank 0 \(the job's store at 127.0.0.1:\d+ no longer answers\)"}
+    for (job, rank), named in survivors.items():
+        code, _, err = finish([procs[job, rank]], timeout=timeout_s + 30)[0]
+        took = time.monotonic() - killed
+        assert code == 1, err
+        assert took < timeout_s, took  # the closed connection is seen at once, not after the timeout
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and re.match(rf"^Error: rank {rank}: lost {named} of this job \(.+\): it exited",
+                                             errors[0]), err
+        assert not re.search(r'File ".*/gkd/', err), err
+        print(f"job {job}: rank {rank} exited {took:.1f} s after the kill: {errors[0]}")
+
+
+def start_with(env: dict[str, str], args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """:func:`start` with extra environment variables (a rank of a job started by hand)."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.Popen(args, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)

@@ -5,7 +5,8 @@ A teacher of width 128 × 4 layers and a student of width 64 × 2 layers (BERT-s
 each, so that TinyBERT's attention loss applies) distil with KD + TinyBERT through the
 DeepSpeed engine gkd builds, one optimizer step before the measured one. Layouts: TP=1 (this
 process), TP=2 and DP=2 × ZeRO 0/1/2/3, ZeRO-2 and ZeRO-3 + optimizer offload, and a teacher
-partitioned over the DP ranks (two gloo processes each; two jobs in all).
+partitioned over the DP ranks (two gloo processes each; two jobs in all): the measurements of
+docs/parallel.md §6, whose table its ``_measure`` reproduces.
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ def loss_terms(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
         positive = True
         for name in names:
             ys = [r["loss"] if name == "total" else r.get("terms", {}).get(name, math.nan) for r in recs]
+            ys = [math.nan if y is None else y for y in ys]  # metrics.jsonl writes a non-finite value as null
             positive = positive and all(y > 0 for y in ys if math.isfinite(y))
             ax.plot(steps, ys, label=name, linewidth=1.8 if name == "total" else 1.0)
         if positive:

@@ -46,7 +46,7 @@ BUILTIN_COMMANDS: dict[str, Builtin] = {
     "plan": Builtin("gkd.cli.plan:plan_cmd",
                     "Predict per-GPU memory of every parallel layout and recommend one (CONFIG, or --teacher/--student sizes)."),
     "validate": Builtin("gkd.cli.validate:validate",
-                        "Check a run config without running it; every error is printed as 'path: message'."),
+                        "Check a run config without running it; every error is printed as 'FILE: path: message'."),
 }
 """Reserved names: a plugin cannot add a command under any of them."""
 

@@ -11,6 +11,8 @@ from gkd.config import load_run_config
 
 EXIT_PEER_FAILED = 1
 """Exit code of a rank that stopped because another rank of the job died or hung."""
+EXIT_DIVERGED = 1
+"""Exit code of a run stopped by ``training.nonfinite`` (valid input, training went NaN/inf)."""
 
 
 @click.command()
@@ -21,6 +23,7 @@ EXIT_PEER_FAILED = 1
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
 def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, progress: bool | None) -> None:
     """Distil as described by CONFIG (YAML or JSON), resuming from the latest checkpoint."""
+    from gkd.engine.step import NonFiniteError
     from gkd.engine.trainer import Trainer, TrainingInterrupted, format_table
     from gkd.plugins.manager import get_plugin_manager
 
@@ -36,12 +39,22 @@ def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, pro
     # gkd's own first line, before the trainer imports megatron-core and DeepSpeed.
     echo(f"gkd distill: run {run.name!r} → {run.run_dir}, {len(run.stages)} stage(s) "
          f"({', '.join(s.name for s in run.stages)})")
+    from gkd.parallel.liveness import Heartbeat, describe_loss
+    from gkd.parallel.state import LaunchEnvironment
+
+    launched = LaunchEnvironment.detect()
     trainer = Trainer(run, registry, progress=progress, stop_after=stop_after, echo=click.echo)
     try:
-        summary = trainer.execute()
+        # Heartbeats in the job's store let a survivor name the rank that died.
+        with Heartbeat(launched, connect_timeout_s=run.parallel.timeout_s):
+            summary = trainer.execute()
     except TrainingInterrupted as exc:
         echo(str(exc))
         return
+    except NonFiniteError as exc:
+        if speaks:  # every rank saw the same step
+            click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(EXIT_DIVERGED) from None
     except Exception as exc:
         from gkd.parallel.state import peer_failure
 
@@ -49,12 +62,14 @@ def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, pro
         if what is None:
             raise
         # A survivor of a dead or stuck rank: one line, not a traceback through DeepSpeed and gloo.
-        click.echo(f"Error: rank {os.environ.get('RANK', '0')}: lost another process of this job ({what}): it exited, "
+        lost = describe_loss(launched)
+        click.echo(f"Error: rank {os.environ.get('RANK', '0')}: lost {lost} of this job ({what}): it exited, "
                    f"or did not answer within parallel.timeout_s ({run.parallel.timeout_s:g} s); the process that failed "
                    "first says why", err=True)
         raise SystemExit(EXIT_PEER_FAILED) from None
     echo(format_table(summary))
-    echo(f"run directory: {summary['run_dir']} ({summary['seconds']} s); exported student: {summary['export']}")
+    exported = summary["export"] or "none (export.enabled: false)"
+    echo(f"run directory: {summary['run_dir']} ({summary['seconds']} s); exported student: {exported}")
 
 
 def _silent(line: str) -> None:

@@ -141,7 +141,7 @@ def workload(name: str, student: Architecture, teachers: Mapping[str, tuple[Arch
 def _shape(arch: Architecture) -> Any:
     from gkd.methods.api import ModelShape
 
-    return ModelShape(arch.family, arch.num_layers, arch.hidden_size, arch.num_heads, arch.kv_heads, arch.ffn_hidden_size,
+    return ModelShape(arch.family, arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.kv_heads, arch.ffn_hidden_size,
                       arch.vocab_size, arch.num_labels if arch.head == "classification" else None, head=arch.head,
                       has_pooler=arch.pooler and arch.head != "mlm")
 
@@ -295,7 +295,7 @@ HEADERS = ["TP", "DP", "ZERO", "OFFLOAD", "TEACHER", "TEACHERS", "STUDENT", "GRA
 
 def describe(arch: Architecture) -> str:
     """``decoder 80×10240 (80 heads, ffn 27392, vocab 50304): 101.39B parameters``."""
-    heads = f"{arch.num_heads} heads" + (f", {arch.kv_heads} kv" if arch.kv_heads != arch.num_heads else "")
+    heads = f"{arch.num_attention_heads} heads" + (f", {arch.kv_heads} kv" if arch.kv_heads != arch.num_attention_heads else "")
     return (f"{arch.family} {arch.num_layers}×{arch.hidden_size} ({heads}, ffn {arch.ffn_hidden_size}, vocab "
             f"{arch.vocab_size}, head {arch.head}): {arch.num_parameters() / 1e9:.2f}B parameters")
 
@@ -360,7 +360,7 @@ def plan_json(result: Plan, workloads: list[Workload]) -> dict[str, Any]:
 
     def model(use: ModelUse) -> dict[str, Any]:
         a = use.arch
-        return {"family": a.family, "layers": a.num_layers, "hidden": a.hidden_size, "heads": a.num_heads,
+        return {"family": a.family, "layers": a.num_layers, "hidden": a.hidden_size, "heads": a.num_attention_heads,
                 "kv_heads": a.kv_heads, "ffn": a.ffn_hidden_size, "vocab": a.vocab_size, "head": a.head,
                 "parameters": a.num_parameters(), "dtype": use.dtype, "features": sorted(use.features),
                 "name": use.name,

@@ -29,6 +29,7 @@ from gkd.config.run import (
     TaskConfig,
     TeacherConfig,
     TrainingConfig,
+    WandbConfig,
     ZeroConfig,
 )
 from gkd.config.schema import apply_defaults, run_schema
@@ -111,7 +112,7 @@ def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: Meth
         parallel=ParallelConfig(raw["parallel"]["tensor_parallel"], ZeroConfig(**zero), raw["parallel"]["data_parallel"],
                                 float(raw["parallel"]["timeout_s"])),
         checkpoint=CheckpointConfig(**raw["checkpoint"]),
-        logging=LoggingConfig(**raw["logging"]),
+        logging=LoggingConfig(**{**raw["logging"], "wandb": WandbConfig.from_raw(raw["logging"].get("wandb"))}),
         export=ExportConfig(export["enabled"], Path(export["dir"]).expanduser() if export.get("dir") else None,
                             export["onnx"]),
         analysis=_analysis(raw["analysis"]),

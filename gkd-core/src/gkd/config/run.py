@@ -115,16 +115,16 @@ class ArchitectureOverrides:
 
     num_layers: int | None = None
     hidden_size: int | None = None
-    num_heads: int | None = None
+    num_attention_heads: int | None = None
     num_kv_heads: int | None = None
-    """Defaults to ``num_heads`` when only that is given (no grouped-query attention)."""
+    """Defaults to ``num_attention_heads`` when only that is given (no grouped-query attention)."""
     ffn_hidden_size: int | None = None
 
     def model_overrides(self) -> dict[str, int]:
         """As :class:`gkd.models.ModelConfig` keyword arguments."""
         out = {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
-               "num_attention_heads": self.num_heads, "ffn_hidden_size": self.ffn_hidden_size,
-               "num_kv_heads": self.num_kv_heads if self.num_kv_heads is not None else self.num_heads}
+               "num_attention_heads": self.num_attention_heads, "ffn_hidden_size": self.ffn_hidden_size,
+               "num_kv_heads": self.num_kv_heads if self.num_kv_heads is not None else self.num_attention_heads}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -173,6 +173,11 @@ class TrainingConfig:
     precision: Precision = "fp32"
     eval_every_steps: int = 0
     """Evaluate on the stage's eval split every N stage steps (0: at the end only)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss, a loss term or the gradient norm is NaN/inf: ``stop`` the run (exit 1, no
+    checkpoint of it), or ``skip`` its update (ZeRO stage 0, fp32 only)."""
+    max_skipped_steps: int = 10
+    """``skip``: how many steps a run may skip; the next non-finite step stops it."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,26 @@ class LoggingConfig:
     plot: bool = True
     tensorboard: bool = False
     """Also write the metrics as TensorBoard event files under ``<run_dir>/tensorboard``."""
+    wandb: WandbConfig | None = None
+    """Also log the metrics to a Weights & Biases run; None: off."""
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """``logging.wandb``: where the W&B run goes."""
+
+    project: str = "gkd"
+    mode: str = "offline"
+    """``"offline"`` (files under ``<run_dir>/wandb``) or ``"online"``."""
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def from_raw(cls, value: bool | Mapping[str, Any] | None) -> WandbConfig | None:
+        """The config of ``logging.wandb`` (``true``, ``false`` or its options)."""
+        if not value:
+            return None
+        options = value if isinstance(value, Mapping) else {}
+        return cls(options.get("project", "gkd"), options.get("mode", "offline"), tuple(options.get("tags", ())))
 
 
 @dataclass(frozen=True)

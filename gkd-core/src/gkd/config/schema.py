@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from importlib import resources
@@ -49,8 +50,19 @@ def _best_message(error: ValidationError) -> str:
     if error.validator == "oneOf" and error.context:
         # Report the alternative that got furthest rather than "is not valid under any".
         options = "; or ".join(sorted({e.message for e in error.context}))
-        return f"{error.instance!r} is not valid: {options}"
+        return f"{_short(error.instance)} is not valid: {options}"
+    full = repr(error.instance)
+    if len(full) > 80 and error.message.startswith(full):  # a pasted blob: its start says which value it is
+        return _short(error.instance) + error.message[len(full):]
     return error.message
+
+
+def _short(value: Any) -> str:
+    short = reprlib.Repr()  # attributes, not keywords: Python 3.11
+    short.maxstring = short.maxother = 60
+    short.maxlist = short.maxdict = 4
+    short.maxlevel = 2
+    return short.repr(value)
 
 
 def schema_issues(schema: Mapping[str, Any], instance: Any, prefix: str = "") -> list[ConfigIssue]:
@@ -60,6 +72,11 @@ def schema_issues(schema: Mapping[str, Any], instance: Any, prefix: str = "") ->
     for error in sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path]):
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             issues.extend(_unknown_key_issues(error, prefix))
+        elif error.validator == "required" and isinstance(error.instance, dict):
+            # At the missing key's own path, so every line names a field (not the enclosing object).
+            missing = [k for k in error.validator_value if k not in error.instance and repr(k) in error.message]
+            path = [*error.absolute_path, missing[0]] if missing else error.absolute_path
+            issues.append(ConfigIssue(format_path(path, prefix), "required, but missing" if missing else error.message))
         else:
             issues.append(ConfigIssue(format_path(error.absolute_path, prefix), _best_message(error)))
     return issues

@@ -13,6 +13,7 @@ Decisions shared with the typed build (default teachers, merged sections) come f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import replace
@@ -23,6 +24,7 @@ from gkd.config import resolve
 from gkd.config.errors import ConfigIssue
 from gkd.config.paths import PathResolutionError, resolve_path
 from gkd.config.schema import apply_defaults, closest, run_schema, schema_issues
+from gkd.config.values import ConfigTooLarge, sanitize
 from gkd.config.vocabulary import read_vocabulary, vocabulary_problems
 from gkd.errors import GkdError
 from gkd.plugins.registry import MethodRegistry
@@ -61,9 +63,10 @@ def with_overrides(shape: ModelShape, arch: Any) -> ModelShape:
     """``student.architecture`` applied to a shape (its keys are ModelShape's field names)."""
     if not isinstance(arch, dict):
         return shape
-    given = {k: v for k, v in arch.items() if isinstance(v, int)}
-    if "num_heads" in given and "num_kv_heads" not in given:
-        given["num_kv_heads"] = given["num_heads"]
+    fields = {f.name for f in dataclasses.fields(shape)}  # unknown keys are reported by the schema
+    given = {k: v for k, v in arch.items() if k in fields and isinstance(v, int) and not isinstance(v, bool)}
+    if "num_attention_heads" in given and "num_kv_heads" not in given:
+        given["num_kv_heads"] = given["num_attention_heads"]
     return replace(shape, **given)
 
 
@@ -112,7 +115,8 @@ class _Checker:
             return None
         return p
 
-    def checkpoint_shape(self, value: Any, where: str) -> ModelShape | None:
+    def checkpoint_shape(self, value: Any, where: str, *, weights: bool = True) -> ModelShape | None:
+        """The shape of the checkpoint at ``value``; ``weights``: it must also hold safetensors weights."""
         p = self.path(value, where, kind="checkpoint directory")
         if p is None:
             return None
@@ -120,6 +124,9 @@ class _Checker:
         if not cfg_path.is_file():
             self.add(where, f"{p} has no config.json (expected a Hugging Face checkpoint directory)")
             return None
+        if weights and not any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            self.add(where, f"{p} has no model.safetensors or model.safetensors.index.json (gkd reads safetensors "
+                            "weights only; convert a pytorch_model.bin checkpoint first)")
         try:
             cfg = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -156,6 +163,7 @@ class _Checker:
         student_shapes = self.check_stages(shape, arch)
         self.check_parallel(raw.get("parallel"), student_shapes)
         self.check_task(raw.get("task"))
+        self.check_labels()
         self.check_vocabularies()
         self.check_offload()
         self.check_export(raw.get("export"))
@@ -208,8 +216,8 @@ class _Checker:
             elif name is not None:
                 if self.teacher_ref(name, f"{where}.teacher", available):
                     shape = self.shapes.get(name)
-            else:
-                shape = self.checkpoint_shape(init["path"], f"{where}.path")
+            else:  # random from a checkpoint's shape: its weights are not read
+                shape = self.checkpoint_shape(init["path"], f"{where}.path", weights=False)
             if shape is not None:
                 shape = self._depth(init, where, strategy, shape, arch)
         return with_overrides(shape, arch) if shape is not None else None
@@ -351,7 +359,7 @@ class _Checker:
         context = MethodContext(student=as_seen_by_methods(student, head, labels, student=True),
                                 teachers={t: as_seen_by_methods(self.shapes[t], head, labels, student=False) for t in teachers},
                                 task=str(task.get("type", "")), stage_kind=str(stage_kind),
-                                tensor_parallel=int(parallel.get("tensor_parallel", 1)))
+                                tensor_parallel=tp if isinstance(tp := parallel.get("tensor_parallel"), int) else 1)
         for issue in check_features(spec, config, context):
             field = f"{where}.config.{issue.field}" if issue.field else f"{where}.name"
             self.add(field, issue.message)
@@ -368,9 +376,9 @@ class _Checker:
         models = [(f"teacher '{n}'", s) for n, s in self.shapes.items() if n in defined]
         models += [("the student", s) for s in dict.fromkeys(student_shapes)]
         for who, shape in models:
-            for key, label in (("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"), ("ffn_hidden_size", "FFN width")):
+            for key, label in (("num_attention_heads", "attention heads"), ("num_kv_heads", "key/value heads"), ("ffn_hidden_size", "FFN width")):
                 value = getattr(shape, key)
-                if key == "num_kv_heads" and value == shape.num_heads:
+                if key == "num_kv_heads" and value == shape.num_attention_heads:
                     continue  # no grouped-query attention: already reported with the heads
                 if value % tp:
                     self.add("parallel.tensor_parallel", f"{tp} must divide the {label} of {who} ({value})")
@@ -378,7 +386,7 @@ class _Checker:
     def check_task(self, task: Any) -> None:
         if not isinstance(task, dict):
             return
-        wants = {"causal_lm": "decoder", "masked_lm": "encoder"}.get(task.get("type", ""))
+        wants = {"causal_lm": "decoder", "masked_lm": "encoder"}.get(str(task.get("type", "")))
         if wants is None:
             return
         for name in resolve.defined_teachers(self.raw):
@@ -386,6 +394,12 @@ class _Checker:
             if shape is not None and shape.family != wants:
                 self.add("task.type", f"'{task['type']}' needs {'a decoder' if wants == 'decoder' else 'an encoder'}; "
                                       f"teacher '{name}' is {'a decoder' if wants == 'encoder' else 'an encoder'}")
+
+    def check_labels(self) -> None:
+        """A classification run's splits and label count (:func:`gkd.engine.datacheck.data_issues`)."""
+        from gkd.engine.datacheck import data_issues
+
+        self.issues.extend(data_issues(self.raw, self.base_dir, self.issues))
 
     def check_export(self, export: Any) -> None:
         """``export.onnx`` needs the export itself and the optional extra (checked without importing it)."""
@@ -400,13 +414,16 @@ class _Checker:
             self.add("export.onnx", install_hint(f"'{export['onnx']}'", absent))
 
     def check_logging(self, logging: Any) -> None:
-        """``logging.tensorboard`` needs the optional extra (checked without importing it)."""
-        if not isinstance(logging, dict) or logging.get("tensorboard") is not True:
+        """``logging.tensorboard`` / ``logging.wandb`` need their optional extras (checked without
+        importing them)."""
+        if not isinstance(logging, dict):
             return
-        from gkd.engine.metrics import TENSORBOARD_HINT, tensorboard_missing
+        from gkd.engine.sinks import TENSORBOARD_HINT, WANDB_HINT, tensorboard_missing, wandb_missing
 
-        if tensorboard_missing():
+        if logging.get("tensorboard") is True and tensorboard_missing():
             self.add("logging.tensorboard", TENSORBOARD_HINT)
+        if logging.get("wandb") not in (None, False) and wandb_missing():
+            self.add("logging.wandb", WANDB_HINT)
 
     # ------------------------------------------------------------------ one vocabulary
 
@@ -441,7 +458,8 @@ class _Checker:
                     models.append((f"{where}.path", f"the student's checkpoint ({where}.path)", p))
         # The run's tokenizer, as the engine picks it (RunAssets.tokenizer_dir).
         first = next(iter(teachers), None)
-        named = top_init.get("teacher") if top_init.get("teacher") in teachers else None
+        given = top_init.get("teacher")
+        named = given if isinstance(given, str) and given in teachers else None
         if named is None and top_init.get("teacher") is None and first is not None:
             named = first
         if named is not None:
@@ -452,6 +470,12 @@ class _Checker:
         if ref_path is None:
             return
         ref = read_vocabulary(ref_path)
+        if ref.tokens and ref.size is not None and max(ref.tokens) >= ref.size:
+            # Token ids past the embedding table would fail at the first forward pass.
+            ref_where = f"teachers[{teachers[named][0]}].path" if named is not None else "student.init.path"
+            self.add(ref_where, f"the run's tokenizer ({ref_label}: {ref.source}) has token ids up to "
+                                f"{max(ref.tokens)}, but its config.json has vocab_size {ref.size}; resize the "
+                                "embeddings to the tokenizer or use its own tokenizer files")
         for where, who, path in models:
             if path != ref_path:
                 for problem in vocabulary_problems(who, read_vocabulary(path), ref_label, ref):
@@ -526,11 +550,25 @@ _PUBLISHED = {"offload": "the strongest offload of teachers[]",
 
 
 def check_config(raw: dict[str, Any], base_dir: Path, registry: MethodRegistry | None) -> list[ConfigIssue]:
-    """Every problem of ``raw`` (schema, method schemas, cross-field rules), in one list."""
+    """Every problem of ``raw`` (values, schema, method schemas, cross-field rules), in one list."""
+    try:
+        raw, value_issues = sanitize(raw)
+    except ConfigTooLarge as exc:
+        return [ConfigIssue("", str(exc))]
     raw = apply_defaults(run_schema(), raw) if isinstance(raw, dict) else raw
     checker = _Checker(raw, base_dir, registry)
-    checker.run()
-    return sorted(checker.issues, key=lambda i: _natural(i.path))
+    try:
+        checker.run()
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError):
+        # The cross-field checks read the types the schema asks for. On a config the schema has
+        # already refused (its issues come first), one may trip over a wrong type: those issues
+        # say what to fix. Without them it is a bug of gkd, shown as such.
+        if not checker.issues:
+            raise
+    # A value already refused (NaN, 10**30...) was replaced by None: drop what the schema says of that None.
+    refused = {i.path for i in value_issues}
+    issues = value_issues + [i for i in checker.issues if i.path not in refused]
+    return sorted(issues, key=lambda i: _natural(i.path))
 
 
 def _natural(path: str) -> list[tuple[int, Any]]:

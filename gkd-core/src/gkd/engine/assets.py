@@ -23,8 +23,9 @@ from torch import nn
 
 from gkd.config.run import DatasetConfig, RunConfig, StudentInit, published_partition, strongest_offload
 from gkd.engine.build import model_shape
-from gkd.engine.data import TaskDataset, build_dataset
+from gkd.engine.data import TaskDataset, build_dataset, describe_split
 from gkd.engine.labels import LabelVocab
+from gkd.engine.readers import DataError
 from gkd.errors import GkdError
 from gkd.methods.api import ModelShape
 from gkd.models import GkdModel, ModelConfig, Tokenizer, build_model, from_pretrained, load_model_config
@@ -136,6 +137,26 @@ class RunAssets:
             self._datasets[ds] = data
         return self._datasets[ds]
 
+    def read_all_data(self) -> list[str]:
+        """Read, check and tokenise every split the run uses — ``data.train``, each stage's
+        training and evaluation split, ``data.test`` — so that a bad file stops the run before
+        its first step; returns one log line per split (examples, blank lines skipped, texts cut)."""
+        run = self.run
+        splits: dict[DatasetConfig, str] = {run.train_data: "train"}
+        for stage in run.stages:
+            splits.setdefault(stage.train_data, f"train ({stage.name})")
+            if stage.eval_data is not None:
+                splits.setdefault(stage.eval_data, "eval" if stage.eval_data == run.eval_data else f"eval ({stage.name})")
+        if run.test_data is not None:
+            splits.setdefault(run.test_data, "test")
+        lines = []
+        for ds, role in splits.items():
+            try:
+                lines.append(describe_split(role, ds, self.dataset(ds)))
+            except DataError as exc:
+                raise type(exc)(f"data {role}: {exc}") from None
+        return lines
+
     # ------------------------------------------------------------------ model configs
 
     def model_config(self, path: Path, **overrides: Any) -> ModelConfig:
@@ -152,7 +173,14 @@ class RunAssets:
         """The task's head when the checkpoint has it; otherwise the checkpoint's own head (a
         pre-trained teacher without a task head still serves feature-based methods)."""
         own = load_model_config(path)
-        return self.model_config(path) if own.head == self.run.task.head else own
+        if own.head != self.run.task.head:
+            return own
+        cfg = self.model_config(path)
+        if own.head == "classification" and own.num_labels != cfg.num_labels:
+            # Also checked by gkd validate for the configured teachers; this covers every path.
+            raise GkdError(f"teacher checkpoint {path} has a classification head for {own.num_labels} labels, but the "
+                           f"task has {cfg.num_labels} (labels of {self.run.train_data.path.name})")
+        return cfg
 
     # ------------------------------------------------------------------ teachers
 

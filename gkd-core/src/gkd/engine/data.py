@@ -26,7 +26,7 @@ import torch
 
 from gkd.config.run import DatasetConfig, TaskConfig, TaskType
 from gkd.engine.labels import LabelVocab
-from gkd.engine.readers import IGNORE_INDEX, DataError, Example, read_examples
+from gkd.engine.readers import IGNORE_INDEX, DataError, Example, read_split
 from gkd.models.tokenizer import Tokenizer, pad_rows
 from gkd.parallel.rng import seeded_generator, seeded_permutation
 
@@ -41,6 +41,7 @@ class TaskDataset:
         labels: Label vocabulary; required for sequence classification (build it from the
             training split and reuse it for eval/test).
         mlm_probability: Share of maskable tokens masked per batch (``masked_lm``).
+        label_field: The label field's name (for messages).
 
     Raises:
         UnknownLabelError: An example's label is not in ``labels``.
@@ -48,7 +49,8 @@ class TaskDataset:
     """
 
     def __init__(self, examples: Sequence[Example], tokenizer: Tokenizer, task: TaskType, *,
-                 labels: LabelVocab | None = None, mlm_probability: float = 0.15) -> None:
+                 labels: LabelVocab | None = None, mlm_probability: float = 0.15,
+                 label_field: str = "label") -> None:
         if task not in ("sequence_classification", "masked_lm", "causal_lm"):
             raise ValueError(f"unknown task {task!r}")
         if task == "sequence_classification" and labels is None:
@@ -62,6 +64,17 @@ class TaskDataset:
         self.label_vocab = labels
         self.mlm_probability = mlm_probability
         self.with_token_type_ids = task != "causal_lm"
+        self.blank = 0
+        """Blank lines skipped when the split was read (:func:`build_dataset` sets it)."""
+        self._labels: torch.Tensor | None = None
+        if labels is not None and task == "sequence_classification":
+            # Labels before tokens: an unseen label fails at once, not after tokenising the split.
+            ids = []
+            for ex in examples:
+                if ex.label is None:
+                    raise DataError(f"{ex.where}: missing field '{label_field}'")
+                ids.append(labels.encode(ex.label, ex.where, label_field))
+            self._labels = torch.tensor(ids, dtype=torch.long)
         self._ids: list[torch.Tensor] = []
         self._maskable: list[torch.Tensor] = []
         special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
@@ -71,14 +84,6 @@ class TaskDataset:
             if task == "masked_lm":
                 # Never mask what the post-processor added ([CLS], [SEP]) nor any special token.
                 self._maskable.append(~torch.tensor(special_mask, dtype=torch.bool) & ~torch.isin(t, special))
-        self._labels: torch.Tensor | None = None
-        if labels is not None and task == "sequence_classification":
-            ids = []
-            for ex in examples:
-                if ex.label is None:
-                    raise DataError(f"{ex.where}: missing label")
-                ids.append(labels.encode(ex.label, ex.where))
-            self._labels = torch.tensor(ids, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -87,6 +92,11 @@ class TaskDataset:
     def lengths(self) -> list[int]:
         """Token count per example after truncation."""
         return [len(t) for t in self._ids]
+
+    @property
+    def at_max_length(self) -> int:
+        """Examples that fill ``max_length`` tokens (a longer text was cut there)."""
+        return sum(len(t) >= self.tokenizer.max_length for t in self._ids)
 
     def collate(self, indices: Sequence[int], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The batch of examples ``indices``, right-padded to its longest example.
@@ -146,12 +156,24 @@ def build_dataset(ds: DatasetConfig, tokenizer: Tokenizer, task: TaskConfig, *, 
     """
     kind: TaskType = task.type
     classify = kind == "sequence_classification"
-    examples = read_examples(ds, seed=seed, needs_labels=classify)
+    split = read_split(ds, seed=seed, needs_labels=classify)
     if classify and labels is None:
-        labels = LabelVocab.from_examples(examples)
-    dataset = TaskDataset(examples, tokenizer, kind, labels=labels if classify else None,
-                          mlm_probability=task.mlm_probability)
+        labels = LabelVocab.from_examples(split.examples, ds.label_field)
+    dataset = TaskDataset(split.examples, tokenizer, kind, labels=labels if classify else None,
+                          mlm_probability=task.mlm_probability, label_field=ds.label_field)
+    dataset.blank = split.blank
     return dataset, labels if classify else None
+
+
+def describe_split(role: str, ds: DatasetConfig, dataset: TaskDataset) -> str:
+    """One log line on a split as read: its examples and what was skipped or cut."""
+    notes = [f"{len(dataset)} examples"]
+    if dataset.blank:
+        notes.append(f"{dataset.blank} blank line{'s' * (dataset.blank != 1)} skipped")
+    cut = dataset.at_max_length
+    if cut:
+        notes.append(f"{cut} at task.max_length ({dataset.tokenizer.max_length} tokens; longer texts are cut there)")
+    return f"data {role}: {ds.path.name}: {', '.join(notes)}"
 
 
 def _epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:

@@ -33,19 +33,24 @@ class LabelVocab:
         self._ids = {lab: i for i, lab in enumerate(self._labels)}
 
     @classmethod
-    def from_examples(cls, examples: Sequence[Example]) -> LabelVocab:
+    def from_examples(cls, examples: Sequence[Example], field: str = "label") -> LabelVocab:
         """Build the vocabulary of a training split (sorted; integer labels numerically).
+
+        Args:
+            examples: The training examples.
+            field: The label field's name (for messages).
 
         Raises:
             DataError: An example has no label, or there are fewer than two classes.
         """
         missing = next((ex for ex in examples if ex.label is None), None)
         if missing is not None:
-            raise DataError(f"{missing.where}: missing label")
+            raise DataError(f"{missing.where}: missing field '{field}'")
         names = _sorted_labels({ex.label for ex in examples if ex.label is not None})
         if len(names) < 2:
             source = examples[0].source if examples else "training data"
-            raise DataError(f"{source}: sequence classification needs at least 2 labels, found {names}")
+            found = f"the one value {names[0]!r} in all {len(examples)} examples" if names else "no values"
+            raise DataError(f"{source}: field '{field}' has {found}; sequence classification needs at least 2 labels")
         return cls(names)
 
     @property
@@ -61,8 +66,8 @@ class LabelVocab:
     def __hash__(self) -> int:
         return hash(tuple(self._labels))
 
-    def encode(self, label: str, where: str = "") -> int:
-        """Class id of ``label``.
+    def encode(self, label: str, where: str = "", field: str = "label") -> int:
+        """Class id of ``label``; ``where`` (file and line) and ``field`` name it in the error.
 
         Raises:
             UnknownLabelError: ``label`` is not in the vocabulary.
@@ -71,8 +76,9 @@ class LabelVocab:
             return self._ids[label]
         except KeyError:
             prefix = f"{where}: " if where else ""
+            known = ", ".join(self._labels[:20]) + (f", … ({len(self._labels)} in all)" if len(self._labels) > 20 else "")
             raise UnknownLabelError(f"{prefix}label '{label}' does not occur in the training data "
-                                    f"(known: {', '.join(self._labels)})") from None
+                                    f"(field '{field}'; known: {known})") from None
 
     def decode(self, index: int) -> str:
         return self._labels[index]

@@ -24,12 +24,23 @@ from gkd.engine.fingerprint import teacher_references
 from gkd.engine.metrics import MetricsLogger
 from gkd.engine.progress import StageProgress
 from gkd.engine.resume import ResumePoint, data_position, restore_training
+from gkd.engine.rundir import write_failure
 from gkd.engine.schedule import build_scheduler
-from gkd.engine.step import SelectedMethod, distill_step, step_context
+from gkd.engine.step import (
+    NonFiniteError,
+    SelectedMethod,
+    any_rank,
+    describe_nonfinite,
+    distill_step,
+    ensure_finite,
+    nonfinite_names,
+    step_context,
+)
 from gkd.errors import GkdError
 from gkd.parallel.comm import mean_over_dp
 from gkd.parallel.placement import Placement
 from gkd.parallel.zero import deepspeed_config, drop_stale_gradients, initialize_engine
+from gkd.parallel.zero import partitioned_kind as optimizer_kind
 
 if TYPE_CHECKING:
     from gkd.engine.analysis import StageAnalysis
@@ -46,6 +57,8 @@ class RunProgress:
     """Where the run is; the loop advances it, checkpoints record it."""
 
     global_step: int = 0
+    skipped_steps: int = 0
+    """Steps whose update ``training.nonfinite: skip`` dropped (recorded in checkpoints)."""
 
 
 class Trainable(nn.Module):
@@ -74,20 +87,37 @@ class Checkpointer:
         return bool(every) and global_step % every == 0
 
     def save(self, stage_index: int, stage_iteration: int, global_step: int, *, model: nn.Module, auxiliary: nn.Module,
-             optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod]) -> Path:
-        """Save a checkpoint; collective (every rank calls it, global rank 0 writes). Returns its directory."""
+             optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod],
+             skipped_steps: int = 0) -> Path:
+        """Save a checkpoint; collective (every rank calls it, global rank 0 writes). Returns its directory.
+
+        Raises:
+            NonFiniteError: A weight is NaN or infinite: nothing is written.
+            GkdError: The file system refused the write (full disk, read-only); no checkpoint is left half-written.
+        """
+        ensure_finite(model, f"checkpoint at global step {global_step}")
+        ensure_finite(auxiliary, f"checkpoint at global step {global_step}")
         paths = self.teacher_paths()
         state = ckpt.CheckpointState(
             global_step=global_step, stage_index=stage_index, stage_iteration=stage_iteration,
             data_position=data_position(iterator), method_states={n: s.state for n, s in methods.items()},
             teachers=teacher_references(paths),
-            extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "labels": self.labels()},
+            extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "labels": self.labels(),
+                   "skipped_steps": skipped_steps},
         )
         architecture = getattr(model, "model_config", None)
         if architecture is not None:  # what `gkd export --stage` rebuilds the student from (gkd.deploy.source)
             state.extra["student_model"] = dataclasses.asdict(architecture)
-        return ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
-                                    scheduler=scheduler, config=self.run.raw, keep_last=self.run.checkpoint.keep_last)
+        try:
+            return ckpt.save_checkpoint(self.run.run_dir, state, model=model, auxiliary=auxiliary, optimizer=optimizer,
+                                        scheduler=scheduler, config=self.run.raw,
+                                        keep_last=self.run.checkpoint.keep_last)
+        except Exception as exc:
+            reason = write_failure(exc)
+            if reason is None:
+                raise
+            raise GkdError(f"checkpoint at global step {global_step}: cannot write under "
+                           f"{self.run.run_dir / ckpt.CHECKPOINTS}: {reason}; the previous checkpoint is kept") from None
 
 
 @dataclass
@@ -148,10 +178,17 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
         Trainable(job.model, auxiliary), stage.optimizer, lambda opt: build_scheduler(opt, stage.schedule, total),
         ds_config)
     start = 0
+    if training.nonfinite == "skip" and (optimizer_kind(optimizer) is not None or training.precision != "fp32"):
+        raise GkdError(f"stages[{job.index}].training.nonfinite: 'skip' needs parallel.zero.stage 0 and fp32 "
+                       "(DeepSpeed's partitioned optimizers cannot drop one update); use 'stop'")
     if resume is not None:
+        progress.skipped_steps = int(resume.state.extra.get("skipped_steps", 0))
         start = restore_training(resume, model=job.model, auxiliary=auxiliary, optimizer=optimizer,
                                  scheduler=scheduler, iterator=iterator, methods=job.methods,
                                  echo=lambda line: io.echo(f"[{stage.name}] {line}"))
+    if io.stop_after is not None and progress.global_step >= io.stop_after and start < total:
+        # Resumed at or past the step to stop after: train nothing (not one step more).
+        raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
     if job.analysis is not None and start == 0:
         job.analysis.record(step=0, global_step=progress.global_step, at="start")
     job.model.train()
@@ -165,26 +202,57 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                         for name in job.methods}
             sums: dict[str, float] = {}
             loss_value = 0.0
-            for _ in range(training.grad_accum):
+            skipped = False
+            for micro in range(training.grad_accum):
                 result = distill_step(job.models, job.methods, contexts, placement.batch(next(iterator)))
-                engine.backward(result.loss)
-                engine.step()
                 loss_value += float(result.loss.detach()) / training.grad_accum
                 for k, v in result.terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / training.grad_accum
+                if (training.nonfinite == "skip" and micro == training.grad_accum - 1
+                        and any_rank(bool(nonfinite_names(sums | {_LOSS: loss_value})))):
+                    skipped = True
+                    break
+                engine.backward(result.loss)
+                engine.step()
+            if skipped:
+                # No backward of the last micro-batch, so no optimizer or LR-schedule step; the
+                # accumulated gradients are dropped and DeepSpeed's micro-step count kept aligned.
+                engine.zero_grad()
+                engine.micro_steps += 1
             drop_stale_gradients(optimizer)
             # One value per step for the whole (data-parallel) batch, the same on every rank.
             sums = mean_over_dp(sums | {_LOSS: loss_value})
             loss_value = sums.pop(_LOSS)
-            for name, sel in job.methods.items():
-                own = {k.split(".", 1)[1]: v for k, v in sums.items() if k.startswith(name + ".")}
-                sel.method.after_step(contexts[name], sel.state, own)
             progress.global_step += 1
             step = iteration + 1
             lr = float(optimizer.param_groups[0]["lr"])
+            checked = {"loss": loss_value, **sums}
+            norm = None if skipped else engine.get_global_grad_norm()
+            if norm is not None:
+                checked["grad_norm"] = float(norm)
+            bad = nonfinite_names(checked)
+            if skipped:
+                progress.skipped_steps += 1
             if io.metrics is not None:
                 io.metrics.log_train(stage=stage.name, step=step, global_step=progress.global_step,
-                                     loss=loss_value, terms=sums, lr=lr)
+                                     loss=loss_value, terms=sums, lr=lr,
+                                     **({"nonfinite": bad, "skipped": skipped,
+                                         "skipped_steps": progress.skipped_steps} if bad else {}))
+            if bad and (not skipped or progress.skipped_steps > training.max_skipped_steps):
+                what = "" if not skipped else (f" ({progress.skipped_steps} steps skipped, more than "
+                                               f"training.max_skipped_steps: {training.max_skipped_steps})")
+                raise NonFiniteError(
+                    f"stages[{job.index}] '{stage.name}' step {step} (global step {progress.global_step}): "
+                    f"non-finite {describe_nonfinite(checked)}{what}; stopped without saving it, the latest "
+                    "checkpoint is the last good one. Lower optimizer.lr, set training.max_grad_norm, or set "
+                    "training.nonfinite: skip")
+            if skipped:
+                io.echo(f"[{stage.name}] step {step}: non-finite {describe_nonfinite(checked)}; update skipped "
+                        f"({progress.skipped_steps}/{training.max_skipped_steps})")
+            else:
+                for name, sel in job.methods.items():
+                    own = {k.split(".", 1)[1]: v for k, v in sums.items() if k.startswith(name + ".")}
+                    sel.method.after_step(contexts[name], sel.state, own)
             io.callbacks.step_end(StepInfo(stage.name, step, progress.global_step, loss_value, dict(sums), lr))
             shown.update(step, loss_value, lr)
             done = step == total
@@ -197,7 +265,8 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
             if job.checkpointer is not None and (done or stop or job.checkpointer.due(progress.global_step)):
                 saved = job.checkpointer.save(job.index, step, progress.global_step, model=job.model,
                                               auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
-                                              iterator=iterator, methods=job.methods)
+                                              iterator=iterator, methods=job.methods,
+                                              skipped_steps=progress.skipped_steps)
                 io.callbacks.checkpoint(saved, progress.global_step)
             if stop and not done:
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")

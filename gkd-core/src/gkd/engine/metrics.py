@@ -3,56 +3,52 @@
 Training records look like ``{"kind": "train", "stage": "distill", "step": 9, "global_step": 19,
 "loss": 0.71, "terms": {"tinybert.hidden": 0.52, ...}, "lr": 4.1e-05, "time": 1717000000.0}``;
 evaluation records have ``"kind": "eval"`` and ``"metrics"`` instead of loss, terms and lr.
-With ``logging.tensorboard`` the same numbers also go to TensorBoard event files under
-``<run_dir>/tensorboard`` (tags ``train/loss``, ``train/<term>``, ``train/lr``, ``eval/<metric>``
-against the global step), rewritten from ``metrics.jsonl`` whenever a run starts or resumes.
+With ``logging.tensorboard`` / ``logging.wandb`` the same numbers also go to TensorBoard event files
+under ``<run_dir>/tensorboard`` and a W&B run under ``<run_dir>/wandb`` (:mod:`gkd.engine.sinks`:
+tags ``train/loss``, ``train/<term>``, ``train/lr``, ``eval/<metric>`` against the global step),
+rewritten from ``metrics.jsonl`` whenever a run starts or resumes.
+
+Every line is strict JSON: a NaN or infinite number is written as ``null`` (a step that
+``training.nonfinite`` caught also carries ``"nonfinite": [names]``, ``"skipped"`` and
+``"skipped_steps"``); readers treat ``null`` as a missing value.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gkd.atomic import atomic_write_bytes, atomic_write_json
-from gkd.errors import GkdError
+from gkd.engine.sinks import (
+    MetricSink,
+    TensorBoardSink,
+)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss_curve.png"
-TENSORBOARD_DIR = "tensorboard"
-TENSORBOARD_EXTRA = "tensorboard"
-TENSORBOARD_HINT = ("true needs the tensorboard package, which is not installed; "
-                    f"install the optional extra: pip install 'gkd-core[{TENSORBOARD_EXTRA}]'")
-"""Why ``logging.tensorboard: true`` cannot be honoured (after the field's name)."""
-
-
-def tensorboard_missing() -> bool:
-    """Whether the ``tensorboard`` package cannot be imported (found without importing it)."""
-    try:
-        return importlib.util.find_spec("tensorboard") is None
-    except (ImportError, ValueError):
-        return True
-
-
-def scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The TensorBoard scalars of a ``metrics.jsonl`` record, by tag."""
-    if record.get("kind") == "eval":
-        return {f"eval/{k}": float(v) for k, v in record.get("metrics", {}).items()}
-    return {"train/loss": float(record["loss"]), **{f"train/{k}": float(v) for k, v in record.get("terms", {}).items()},
-            "train/lr": float(record["lr"])}
 
 
 def _number(value: float | torch.Tensor) -> float:
     return float(value.detach().item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -82,51 +78,40 @@ class MetricsLogger:
         tensorboard: Also write every record to TensorBoard event files under
             ``<run_dir>/tensorboard``; that directory is rebuilt from the kept records, so it
             holds exactly what ``metrics.jsonl`` holds.
+        sinks: Further sinks to open once the file is settled (e.g. a W&B run,
+            :class:`gkd.engine.sinks.WandbSink`), each given the run directory; they receive the
+            kept records, then every new one.
     """
 
-    def __init__(self, run_dir: Path, resume_global_step: int | None = None, *, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, resume_global_step: int | None = None, *, tensorboard: bool = False,
+                 sinks: Sequence[Callable[[Path], MetricSink]] = ()) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         kept = [] if resume_global_step is None else [
             r for r in read_records(self.run_dir) if int(r.get("global_step", -1)) <= resume_global_step]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
-        self._writer: Any = None
-        if tensorboard:
-            self._writer = self._open_tensorboard()
+        openers = [TensorBoardSink] if tensorboard else []
+        self._sinks: list[MetricSink] = [open_sink(self.run_dir) for open_sink in [*openers, *sinks]]
+        for sink in self._sinks:
             for record in kept:
-                self._write_scalars(record)
-            self._writer.flush()
-
-    def _open_tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise GkdError(f"logging.tensorboard: {TENSORBOARD_HINT}") from None
-        log_dir = self.run_dir / TENSORBOARD_DIR
-        # Event files of an earlier or interrupted run may hold steps metrics.jsonl no longer has.
-        shutil.rmtree(log_dir, ignore_errors=True)
-        return SummaryWriter(log_dir=str(log_dir))
-
-    def _write_scalars(self, record: Mapping[str, Any]) -> None:
-        for tag, value in scalars(record).items():
-            self._writer.add_scalar(tag, value, global_step=int(record["global_step"]), walltime=record.get("time"))
+                sink.write(record)
 
     def _append(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
             # Metrics are written every few steps only; a synced line survives a crash.
             os.fsync(f.fileno())
-        if self._writer is not None:
-            self._write_scalars(record)
-            self._writer.flush()  # so TensorBoard shows the step now and a crash loses nothing
+        for sink in self._sinks:
+            sink.write(record)
 
     def log_train(self, *, stage: str, step: int, global_step: int, loss: float | torch.Tensor,
                   terms: Mapping[str, float | torch.Tensor], lr: float, **extra: Any) -> dict[str, Any]:
         """Append a training record; tensors become floats. Returns the record."""
         record = {"kind": "train", "stage": stage, "step": step, "global_step": global_step, "loss": _number(loss),
                   "terms": {k: _number(v) for k, v in terms.items()}, "lr": float(lr), "time": time.time(), **extra}
+        record = strict_json(record)
         self._append(record)
         return record
 
@@ -135,6 +120,7 @@ class MetricsLogger:
         """Append an evaluation record (``metrics`` such as ``accuracy``, ``loss``). Returns it."""
         record = {"kind": "eval", "stage": stage, "step": step, "global_step": global_step,
                   "metrics": {k: _number(v) for k, v in metrics.items()}, "time": time.time(), **extra}
+        record = strict_json(record)
         self._append(record)
         return record
 
@@ -143,17 +129,17 @@ class MetricsLogger:
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """Write ``<run_dir>/summary.json`` atomically; it is the run's last record, so the
-        TensorBoard writer is closed too."""
+        sinks are closed too."""
         path = self.run_dir / SUMMARY_FILE
         atomic_write_json(path, dict(summary))
         self.close()
         return path
 
     def close(self) -> None:
-        """Close the TensorBoard writer, if any (``metrics.jsonl`` needs no closing)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """Close the sinks, if any (``metrics.jsonl`` needs no closing)."""
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 def stage_starts(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
@@ -184,7 +170,8 @@ def plot_losses(run_dir: Path, path: Path | None = None) -> Path | None:
         return None
     records.sort(key=lambda r: r["global_step"])
     steps = [r["global_step"] for r in records]
-    names = ["total", *dict.fromkeys(k for r in records for k in r.get("terms", {}))]
+    # Parts of terms (``tinybert.hidden/2-4``, one layer pair's) stay in metrics.jsonl and the sinks.
+    names = ["total", *dict.fromkeys(k for r in records for k in r.get("terms", {}) if "/" not in k)]
     fig = Figure(figsize=(9, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -192,6 +179,7 @@ def plot_losses(run_dir: Path, path: Path | None = None) -> Path | None:
     for name in names:
         # NaN where a step has no such term, so a term used in stages 1 and 3 is not joined across 2.
         ys = [r["loss"] if name == "total" else r.get("terms", {}).get(name, math.nan) for r in records]
+        ys = [math.nan if y is None else y for y in ys]  # a non-finite value, logged as null
         values += [v for v in ys if math.isfinite(v)]
         ax.plot(steps, ys, label=name, linewidth=2.0 if name == "total" else 1.0)
     if values and min(values) > 0:

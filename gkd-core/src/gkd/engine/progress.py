@@ -1,10 +1,12 @@
 """What a user sees while a stage trains: a progress bar when standard error is a terminal and
-``logging.progress`` (or ``--progress``) asks for one; otherwise, in logs and CI, one line every
-``logging.every_steps`` steps and at the stage's last step (``every_steps: 0``: none)."""
+``logging.progress`` (or ``--progress``) asks for one; otherwise, in logs and CI, the same bar in
+line mode: one line every ``logging.every_steps`` steps and at the stage's last step (percentage,
+loss, learning rate, steps per second and time left; ``every_steps: 0``: none)."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ class StageProgress:
     def __init__(self, *, total: int, start: int, desc: str, bar: bool, every: int,
                  echo: Callable[[str], None]) -> None:
         self.total, self.desc, self.every, self.echo = total, desc, every, echo
+        self._start, self._since = start, time.monotonic()
         self._bar: Any = None
         if bar:
             from tqdm.auto import tqdm
@@ -36,7 +39,17 @@ class StageProgress:
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             self._bar.update(1)
         elif self.every and (step % self.every == 0 or step == self.total):
-            self.echo(f"{self.desc} step {step}/{self.total} loss {loss:.4f} lr {lr:.2e}")
+            self.echo(f"{self.desc} step {step}/{self.total} ({100 * step // max(self.total, 1)}%) loss {loss:.4f} "
+                      f"lr {lr:.2e}{self._pace(step)}")
+
+    def _pace(self, step: int) -> str:
+        """`` 3.1 step/s, 0:42 left``, from the steps done by this process (not those resumed)."""
+        done, seconds = step - self._start, time.monotonic() - self._since
+        if done <= 0 or seconds <= 0:
+            return ""
+        rate = done / seconds
+        left = round((self.total - step) / rate)
+        return f" {rate:.3g} step/s, {left // 60}:{left % 60:02d} left"
 
     def close(self) -> None:
         if self._bar is not None:

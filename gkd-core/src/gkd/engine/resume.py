@@ -32,6 +32,7 @@ from gkd.config.run import RunConfig
 from gkd.engine import checkpoint as ckpt
 from gkd.engine.data import BatchIterator, epoch_batches
 from gkd.engine.fingerprint import teacher_references, verify_teachers
+from gkd.engine.serialize import read_json
 from gkd.engine.step import SelectedMethod
 from gkd.errors import GkdError
 from gkd.parallel import fullstate
@@ -47,6 +48,8 @@ class ResumePoint:
 
     path: Path
     state: ckpt.CheckpointState
+    verified: bool = False
+    """Every file's sha256 was checked when the point was found (loading then checks sizes only)."""
 
     @property
     def teacher_paths(self) -> dict[str, Path]:
@@ -149,6 +152,40 @@ def _remove_checkpoints(path: Path) -> None:
     parallel.barrier()
 
 
+def _intact_checkpoint(run_dir: Path, echo: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint (collective: global rank 0 cleans incomplete directories, checks
+    the hashes, moves damaged checkpoints aside and says so; every rank gets its answer).
+
+    Raises:
+        CheckpointError: There are checkpoints but none is intact (one line listing each and why).
+    """
+    answer: dict[str, Any] = {}
+    if parallel.is_global_rank_zero():
+        try:
+            removed = ckpt.clean_incomplete(run_dir)
+            if removed:
+                echo(f"removed {len(removed)} incomplete checkpoint director{'y' if len(removed) == 1 else 'ies'} "
+                     f"left by a killed run: {', '.join(removed)}")
+            path, damaged = ckpt.find_intact(run_dir)
+            if damaged and path is None:
+                answer["error"] = (f"no intact checkpoint in {Path(run_dir) / ckpt.CHECKPOINTS}: "
+                                   + "; ".join(why for _, why in damaged)
+                                   + "; remove them or set checkpoint.resume: false to start over")
+            else:
+                for bad, why in damaged:
+                    aside = ckpt.set_aside(bad)
+                    echo(f"{why}; moved it to {aside.name} and falling back to the previous checkpoint, {path}")
+            answer["path"] = str(path) if path is not None else None
+        except GkdError as e:  # every rank must hear of it, or the others would wait for rank 0
+            answer["error"] = str(e)
+        except OSError as e:
+            answer["error"] = f"cannot inspect the checkpoints in {run_dir}: {e}"
+    answer = json.loads(fullstate.all_gather_bytes(json.dumps(answer).encode())[0])
+    if "error" in answer:
+        raise ckpt.CheckpointError(answer["error"])
+    return Path(answer["path"]) if answer["path"] is not None else None
+
+
 def find_resume_point(run: RunConfig, echo: Callable[[str], None],
                       may_start_over: Callable[[int], bool] | None = None) -> ResumePoint | None:
     """The checkpoint to continue from, or None to start from the beginning.
@@ -158,9 +195,13 @@ def find_resume_point(run: RunConfig, echo: Callable[[str], None],
     ``may_start_over(first changed stage)`` says so — the trainer does when finished links of a
     teacher-assistant chain before that stage can be reused; otherwise it is refused.
 
+    The newest checkpoint whose files match the sha256 recorded when it was written is used:
+    damaged newer ones are moved aside (``step-<n>.damaged``), one line each saying why.
+    Incomplete directories left by killed writers are removed first.
+
     Raises:
         GkdError: The newest checkpoint belongs to a different config.
-        CheckpointError: A teacher's weights changed since the checkpoint.
+        CheckpointError: A teacher's weights changed since the checkpoint, or no checkpoint is intact.
     """
     checkpoints = run.run_dir / ckpt.CHECKPOINTS
     if not run.checkpoint.resume:
@@ -168,11 +209,11 @@ def find_resume_point(run: RunConfig, echo: Callable[[str], None],
             echo(f"checkpoint.resume is false: removing the old checkpoints in {checkpoints}")
             _remove_checkpoints(checkpoints)
         return None
-    path = ckpt.find_latest(run.run_dir)
+    path = _intact_checkpoint(run.run_dir, echo)
     if path is None:
         return None
-    saved = json.loads((path / "config.json").read_text())
-    point = ResumePoint(path, ckpt.CheckpointState.from_dict(json.loads((path / "state.json").read_text())))
+    saved = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    point = ResumePoint(path, ckpt.read_state(path), verified=True)
     changed = config_differences(saved, run.raw)
     if changed:
         listed = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
@@ -212,7 +253,7 @@ def restore_training(point: ResumePoint, *, model: nn.Module, auxiliary: nn.Modu
     """
     position, line = translate_data_position(point.state.data_position, iterator)
     ckpt.load_checkpoint(point.path, model=model, auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
-                         restore_rng=True)
+                         restore_rng=True, verify=not point.verified)
     iterator.load_state_dict(position)
     if line is not None and echo is not None:
         echo(line)
@@ -223,7 +264,7 @@ def restore_training(point: ResumePoint, *, model: nn.Module, auxiliary: nn.Modu
 
 def restore_finished_stage(point: ResumePoint, student: nn.Module) -> None:
     """A checkpoint taken at the end of its stage: the student's weights and every RNG stream."""
-    ckpt.load_checkpoint(point.path, model=student, restore_rng=True, strict=True)
+    ckpt.load_checkpoint(point.path, model=student, restore_rng=True, strict=True, verify=not point.verified)
 
 
 __all__ = ["RESUME_INDEPENDENT", "ResumePoint", "config_differences", "data_position", "describe_layout",

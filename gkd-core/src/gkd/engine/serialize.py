@@ -7,6 +7,7 @@ tensors (safetensors) and a JSON skeleton; RNG states become uint8 tensors plus 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -234,8 +235,19 @@ def write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (streamed; as ``sha256sum`` prints it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # bad UTF-8 or JSON syntax
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None

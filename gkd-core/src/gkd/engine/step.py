@@ -8,7 +8,8 @@ the weighted total loss plus every term, named ``<method>.<term>``. See
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from gkd.engine.plan import MergedPass, ModelRequest, merge_plans
+from gkd.errors import GkdError
 from gkd.methods.api import STUDENT, Method, ModelView, PassPlan, PassView, StepContext
 from gkd.methods.losses import (
     task_loss,
@@ -154,6 +156,9 @@ def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, Selected
             for term, value in method_terms.items():
                 key = f"{name}.{term}" if pass_index == 0 else f"{name}.pass{pass_index}.{term}"
                 weighted = sel.weight * value
+                if "/" in term:  # a part of another term (e.g. one layer pair's): logged, never added
+                    terms[key] = weighted.detach()
+                    continue
                 terms[key] = weighted
                 if plan.contributes_to_loss:
                     total = weighted if total is None else total + weighted
@@ -163,3 +168,53 @@ def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, Selected
     if total is None:
         raise RuntimeError("the selected methods produced no loss term for this step")
     return StepResult(total, terms)
+
+
+# ------------------------------------------------------------------ non-finite losses and weights
+
+class NonFiniteError(GkdError):
+    """Training produced a non-finite loss, gradient norm or weight; the run stops (exit code 1:
+    the input was valid, the training diverged) without writing a checkpoint or export of it."""
+
+
+def nonfinite_names(values: Mapping[str, float]) -> list[str]:
+    """The names of the values that are NaN or infinite, in order."""
+    return [name for name, value in values.items() if not math.isfinite(value)]
+
+
+def describe_nonfinite(values: Mapping[str, float]) -> str:
+    """``loss=nan, kd.kl=inf``: the non-finite ones of ``values`` (for error lines)."""
+    return ", ".join(f"{name}={values[name]}" for name in nonfinite_names(values))
+
+
+def local_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    """The parameters this rank holds of ``module`` (its ZeRO-3 partitions where partitioned)."""
+    for param in module.parameters():
+        yield param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on some rank of the job (one all-reduce; local without a job)."""
+    dist = torch.distributed
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_finite(module: nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite on every rank (one all-reduce in a job)."""
+    return not any_rank(any(not bool(torch.isfinite(t).all()) for t in local_tensors(module) if t.numel()))
+
+
+def ensure_finite(module: nn.Module, what: str) -> None:
+    """Refuse to write ``module`` (a checkpoint, an export) when one of its weights is not finite.
+
+    Raises:
+        NonFiniteError: Some parameter is NaN or infinite (on any rank).
+    """
+    if not all_finite(module):
+        raise NonFiniteError(f"{what}: the weights hold NaN or infinite values; not written "
+                             "(training.nonfinite stops a run at the step that produced them)")

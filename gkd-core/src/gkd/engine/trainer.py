@@ -27,6 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -57,10 +58,13 @@ from gkd.engine.metrics import MetricsLogger
 from gkd.engine.progress import progress_bar_wanted
 from gkd.engine.report import finish_run, format_table
 from gkd.engine.resume import ResumePoint, find_resume_point, restore_finished_stage
+from gkd.engine.rundir import claim_run_dir
+from gkd.engine.sinks import MetricSink, WandbSink
+from gkd.engine.step import ensure_finite
 from gkd.methods.api import STUDENT, teacher_key
 from gkd.models import GkdModel, export_hf
 from gkd.parallel.placement import Placement
-from gkd.parallel.rng import seed_everything
+from gkd.parallel.rng import seed_everything, stage_seed
 from gkd.plugins.registry import MethodRegistry
 
 _UNSET: Any = object()
@@ -103,20 +107,38 @@ class Trainer:
         self.progress_bar = progress_bar_wanted(progress, run.logging.progress)
         self._reusable: Any = _UNSET
         self._analysis: AnalysisRecorder | None = None
+        self._metrics: MetricsLogger | None = None
 
     def execute(self) -> dict[str, Any]:
         """Run all stages (resuming from the latest checkpoint when there is one, else reusing the
-        finished links of a teacher-assistant chain); return the summary."""
+        finished links of a teacher-assistant chain); return the summary.
+
+        Raises:
+            RunDirError: The run or export directory is not writable, or another run holds it.
+            NonFiniteError: A step went NaN/inf (``training.nonfinite``); nothing of it was saved.
+        """
         run = self.run
         # Under torchrun or the deepspeed launcher this joins the launched job; a layout that does
         # not fit it fails here, on every rank alike.
         parallel.ensure_initialized(tp=run.parallel.tensor_parallel, seed=run.seed,
                                     data_parallel=run.parallel.expected_data_parallel, timeout_s=run.parallel.timeout_s)
+        with claim_run_dir(run):  # before anything is written: probed, and one run at a time
+            try:
+                return self._execute()
+            finally:
+                # An interrupted run (stop_after, an error) still flushes its W&B/TensorBoard copies.
+                if self._metrics is not None:
+                    self._metrics.close()
+
+    def _execute(self) -> dict[str, Any]:
+        run = self.run
         seed_everything(run.seed)
         assets = RunAssets(run, Placement.for_this_process())
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        if run.task.type == "sequence_classification":
-            assets.dataset(run.train_data)  # the label vocabulary, which fingerprints depend on
+        # Every split, before any step: a bad eval or test file fails now, not after training; the
+        # label vocabulary (which fingerprints depend on) comes with data.train.
+        for line in assets.read_all_data():
+            self.echo(line)
         resume = find_resume_point(run, self.echo, lambda changed: self._reusable_before(changed, assets))
         link = self._reusable_link(assets) if resume is None else None
         progress = RunProgress()
@@ -129,8 +151,9 @@ class Trainer:
             chain.restore_metrics(run, link)  # the reused stages' records, as they were logged
         kept = resume.state.global_step if resume is not None else link.global_step if link is not None else None
         # One writer: every rank computes the same metrics, global rank 0 records them.
-        metrics = (MetricsLogger(run.run_dir, resume_global_step=kept, tensorboard=run.logging.tensorboard)
-                   if parallel.is_global_rank_zero() else None)
+        metrics = (MetricsLogger(run.run_dir, resume_global_step=kept, tensorboard=run.logging.tensorboard,
+                                 sinks=self._wandb_sink(run)) if parallel.is_global_rank_zero() else None)
+        self._metrics = metrics
         io = LoopIO(self.echo, metrics, self.progress_bar, self.stop_after, callbacks=self.callbacks)
         self._analysis = self._analysis_recorder(assets, resume, link)
         if assets.labels is not None and parallel.is_global_rank_zero():
@@ -146,6 +169,11 @@ class Trainer:
             if link is not None and index <= link.index:
                 student = self._reuse(index, stage, link, assets, progress, io) or student
                 continue
+            if resume is None or index != first:
+                # Trained from its start: its draws (initialisation, dropout) depend on the seed and
+                # the stage only, not on what earlier stages drew or whether they ran (a reused
+                # teacher); a stage resumed mid-way gets its streams from the checkpoint instead.
+                seed_everything(stage_seed(run.seed, index))
             if stage.trains_teacher is not None:
                 self._finetune_teacher(index, stage, assets, progress, io)
             else:
@@ -158,8 +186,19 @@ class Trainer:
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
         if self._analysis is not None:
             self.echo(self._analysis.summary())
+        if student is not None:
+            ensure_finite(student, "the exported student")
         return finish_run(assets, student, global_step=progress.global_step, seconds=time.perf_counter() - started,
                           metrics=metrics)
+
+    @staticmethod
+    def _wandb_sink(run: RunConfig) -> list[Callable[[Path], MetricSink]]:
+        """The opener of the W&B run of ``logging.wandb``, if configured."""
+        options = run.logging.wandb
+        if options is None:
+            return []
+        return [lambda run_dir: WandbSink(run_dir, name=run.name, project=options.project, mode=options.mode,
+                                          config=run.raw, tags=options.tags)]
 
     def _analysis_recorder(self, assets: RunAssets, resume: ResumePoint | None,
                            link: FinishedLink | None) -> AnalysisRecorder | None:

@@ -54,7 +54,7 @@ class ModelShape:
     """``"encoder"`` or ``"decoder"``."""
     num_layers: int
     hidden_size: int
-    num_heads: int
+    num_attention_heads: int
     num_kv_heads: int
     ffn_hidden_size: int
     vocab_size: int
@@ -71,7 +71,7 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
-        return (self.attention_size or self.hidden_size) // self.num_heads
+        return (self.attention_size or self.hidden_size) // self.num_attention_heads
 
     @property
     def has_logits(self) -> bool | None:
@@ -271,7 +271,12 @@ class Method(nn.Module):
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int,
              outputs: PassView) -> dict[str, torch.Tensor]:
         """Named loss terms of this pass, unweighted; the engine multiplies them by the method
-        entry's ``weight`` and logs them as ``<method>.<term>`` (``<method>.pass<p>.<term>`` for p > 0)."""
+        entry's ``weight`` and logs them as ``<method>.<term>`` (``<method>.pass<p>.<term>`` for p > 0).
+
+        A name with a ``/`` is a *part* of the term before it, for logging only: e.g.
+        ``{"hidden": total, "hidden/2-4": pair}`` logs student layer 2 vs teacher layer 4 as
+        ``<method>.hidden/2-4`` (TensorBoard/W&B group it under ``hidden``); the engine detaches
+        parts and never adds them to the loss."""
         raise NotImplementedError
 
     def after_step(self, step: StepContext, state: dict[str, Any], terms: Mapping[str, float]) -> None:

@@ -8,6 +8,7 @@ finds the special-token ids (pad, cls, sep, mask, bos, eos, unk) that tasks need
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -80,13 +81,19 @@ class Tokenizer:
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def from_dir(cls, model_dir: Path, max_length: int) -> Tokenizer:
+    def from_dir(cls, model_dir: str | os.PathLike[str], max_length: int) -> Tokenizer:
         """Load ``<model_dir>/tokenizer.json`` (and the special-token names next to it).
+        ``model_dir`` may be a ``pkg:module/sub`` path, as in run configs and ``from_pretrained``.
 
         Raises:
-            TokenizerError: No readable ``tokenizer.json``.
+            TokenizerError: No readable ``tokenizer.json``, or a ``pkg:`` path that does not resolve.
         """
-        model_dir = Path(model_dir)
+        from gkd.config.paths import PathResolutionError, resolve_path
+
+        try:
+            model_dir = resolve_path(os.fspath(model_dir), Path())
+        except PathResolutionError as e:
+            raise TokenizerError(f"tokenizer {os.fspath(model_dir)!r}: {e}") from None
         path = model_dir / "tokenizer.json"
         try:
             tok = tokenizers.Tokenizer.from_file(str(path))

@@ -90,7 +90,7 @@ class Architecture:
     family: Literal["encoder", "decoder"]
     num_layers: int
     hidden_size: int
-    num_heads: int
+    num_attention_heads: int
     ffn_hidden_size: int
     vocab_size: int
     num_kv_heads: int | None = None
@@ -106,20 +106,20 @@ class Architecture:
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise PlanError(f"{name} ({getattr(self, name)}) must be positive")
-        if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
-            raise PlanError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
+        if self.kv_heads <= 0 or self.num_attention_heads % self.kv_heads:
+            raise PlanError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
 
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_attention_heads
 
     @property
     def dim(self) -> int:
         """Per-head width."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def pooler(self) -> bool:
@@ -137,8 +137,8 @@ class Architecture:
 
     def tp_problem(self, tp: int) -> str | None:
         """Why this model cannot be split over ``tp`` ranks (None: it can)."""
-        if self.num_heads % tp or self.kv_heads % tp:
-            return f"{self.num_heads} heads ({self.kv_heads} key/value) are not divisible by TP {tp}"
+        if self.num_attention_heads % tp or self.kv_heads % tp:
+            return f"{self.num_attention_heads} heads ({self.kv_heads} key/value) are not divisible by TP {tp}"
         if self.ffn_hidden_size % tp:
             return f"ffn_hidden_size {self.ffn_hidden_size} is not divisible by TP {tp}"
         return None
@@ -163,7 +163,7 @@ def parameters(arch: Architecture, tp: int) -> list[Param]:
     them in that order), with gkd's split rules (:mod:`gkd.models.sharding`)."""
     h, f, t = arch.hidden_size, arch.ffn_hidden_size, tp
     vocab_rows = -(-arch.vocab_size // t)  # the padded vocabulary's rows per rank
-    q, kv = arch.num_heads * arch.dim, arch.kv_heads * arch.dim
+    q, kv = arch.num_attention_heads * arch.dim, arch.kv_heads * arch.dim
     enc = arch.family == "encoder"
     out = [Param("embeddings.word_embeddings.weight", vocab_rows * h, "embeddings")]
     if enc:
@@ -364,7 +364,7 @@ class ActivationModel:
         mask = 1 if self.kernel == "cuda" else e
         tokens = batch * seq
         h, f_t = a.hidden_size, a.ffn_hidden_size // tp
-        q_t, kv_t, n_t = a.num_heads * a.dim // tp, a.kv_heads * a.dim // tp, a.num_heads // tp
+        q_t, kv_t, n_t = a.num_attention_heads * a.dim // tp, a.kv_heads * a.dim // tp, a.num_attention_heads // tp
         square = batch * n_t * seq * seq  # one [b, heads/tp, s, s] tensor
         drop_h = tokens * h * mask if a.hidden_dropout > 0 else 0
         total = 3 * tokens * 8  # token ids saved by the embeddings (int64)
@@ -385,7 +385,7 @@ class ActivationModel:
                 layer += qkv + context + 2 * drop_h
                 causal_mask = batch * seq * seq * e  # the additive [b, 1, s, s] mask of a padded batch
             if eager:
-                if a.kv_heads != a.num_heads:
+                if a.kv_heads != a.num_attention_heads:
                     layer += 2 * tokens * q_t * e  # keys and values repeated to every query head
                 layer += square * e + batch * seq * (seq if a.family == "decoder" else 1)  # probabilities, mask
                 if a.attention_dropout > 0:
@@ -433,9 +433,9 @@ def feature_bytes(arch: Architecture, name: str, tp: int, batch: int, seq: int, 
     if role in ("input", "output", "embeddings", "final_norm"):
         return tokens * arch.hidden_size * e
     if role in ("attention.scores", "attention.probs"):
-        return batch * arch.num_heads // tp * seq * seq * e
+        return batch * arch.num_attention_heads // tp * seq * seq * e
     if role in ("attention.query", "attention.context"):
-        return tokens * arch.num_heads * arch.dim // tp * e
+        return tokens * arch.num_attention_heads * arch.dim // tp * e
     if role in ("attention.key", "attention.value"):
         return tokens * arch.kv_heads * arch.dim // tp * e
     if role == "ffn.intermediate":
@@ -463,7 +463,7 @@ def loss_bytes(student: ModelUse, teachers: Sequence[ModelUse], tp: int, batch: 
     a = student.arch
     for name in student.features:
         if name.rsplit(".", 1)[-1] in ("scores", "probs", "query", "key", "value"):
-            total += 2 * batch * a.num_heads // tp * seq * seq * 4 + batch * seq * seq
+            total += 2 * batch * a.num_attention_heads // tp * seq * seq * 4 + batch * seq * seq
         else:
             total += feature_bytes(a, name, tp, batch, seq, 4)
     return total

@@ -25,6 +25,14 @@ def seeded_permutation(n: int, seed: int, *parts: object) -> list[int]:
     return torch.randperm(n, generator=seeded_generator(seed, *parts)).tolist()
 
 
+def stage_seed(seed: int, stage_index: int) -> int:
+    """The seed of a run's stage: stage 0 keeps the run's seed, later stages get their own, so a
+    stage's randomness does not depend on what earlier stages drew (or whether they ran at all: a
+    reused fine-tuned teacher, a resumed run)."""
+    if stage_index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}/stage/{stage_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def seed_everything(seed: int) -> None:
@@ -53,4 +61,5 @@ def restore_megatron_rng(states: Mapping[str, list[int]]) -> None:
         mrandom.get_cuda_rng_tracker().set_states({k: torch.tensor(v, dtype=torch.uint8) for k, v in states.items()})
 
 
-__all__ = ["megatron_rng_states", "restore_megatron_rng", "seed_everything", "seeded_generator", "seeded_permutation"]
+__all__ = ["megatron_rng_states", "restore_megatron_rng", "seed_everything", "seeded_generator", "seeded_permutation",
+           "stage_seed"]

@@ -41,6 +41,18 @@ KNOWN_HOOKS: tuple[str, ...] = tuple(name for name in vars(hookspecs) if name.st
 """Every hook a plugin may implement, in the order :mod:`gkd.hookspecs` defines them."""
 
 
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+"""What a plugin's import or hook may raise and only mark the plugin broken: ``sys.exit()`` in a
+plugin must not end the command that loads it. ``KeyboardInterrupt`` still stops gkd."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``RuntimeError: boom``, or ``sys.exit(3)`` for a plugin that tried to end the process."""
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r})" if exc.code is not None else "sys.exit()"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _env_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)
     if raw is None:
@@ -80,8 +92,8 @@ class GkdPluginManager:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # any import-time failure of a third-party plugin
-                self.registry.mark_broken(ep.name, origin, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}")
+            except PLUGIN_FAILURES as exc:  # any import-time failure of a third-party plugin, sys.exit() included
+                self.registry.mark_broken(ep.name, origin, f"import of {ep.value!r} failed: {describe_failure(exc)}")
                 continue
             self.add_plugin(plugin, origin)
 
@@ -110,10 +122,10 @@ class GkdPluginManager:
                 self.registry.check_free(spec.name, origin)
             for spec in registrar.specs:
                 self.registry.add(spec, origin)
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            reason = str(exc) if isinstance(exc, InvalidMethodSpec) else f"{type(exc).__name__}: {exc}"
+            reason = str(exc) if isinstance(exc, InvalidMethodSpec) else describe_failure(exc)
             self.registry.mark_broken(origin.entry_point, origin, reason)
             return False
         if "gkd_register_commands" in hooks:
@@ -140,11 +152,12 @@ class GkdPluginManager:
             try:
                 self._call_one(plugin, "gkd_register_commands", cli=staging)
                 added = dict(staging.commands)
-                for cmd_name in sorted(added):
-                    self._check_command_free(cmd_name, origin, reserved)
-            except Exception as exc:  # third-party code: any failure marks only this plugin
+                for cmd_name in sorted(added, key=str):
+                    self._check_command_free(cmd_name, added[cmd_name], origin, reserved)
+            except PLUGIN_FAILURES as exc:  # third-party code: any failure marks only this plugin
                 reason = str(exc) if isinstance(exc, InvalidMethodSpec) else (
-                    f"gkd_register_commands raised {type(exc).__name__}: {exc}")
+                    f"gkd_register_commands {'called' if isinstance(exc, SystemExit) else 'raised'} "
+                    f"{describe_failure(exc)}")
                 self.command_plugins.append(PluginCommands(origin, (), reason, status="error"))
                 continue
             self._commands.update(added)
@@ -152,7 +165,11 @@ class GkdPluginManager:
             self.command_plugins.append(PluginCommands(origin, tuple(sorted(added))))
         return dict(self._commands)
 
-    def _check_command_free(self, name: str, origin: Origin, reserved: set[str]) -> None:
+    def _check_command_free(self, name: Any, command: Any, origin: Origin, reserved: set[str]) -> None:
+        import click
+
+        if not isinstance(name, str) or not isinstance(command, click.Command):
+            raise InvalidMethodSpec(f"gkd_register_commands added {name!r}, which is not a click command")
         if name in reserved:
             raise InvalidMethodSpec(f"command {name!r} would replace the built-in 'gkd {name}'; plugins cannot do that")
         if name in self._commands:

@@ -64,11 +64,11 @@ class MiniLM(Method):
         for name, t in context.teachers.items():
             if (issue := layer_issue(cls.name, config["teacher_layer"], name, t)) is not None:
                 issues.append(issue)
-            if config["attention_weight"] > 0 and s.num_heads != t.num_heads:
+            if config["attention_weight"] > 0 and s.num_attention_heads != t.num_attention_heads:
                 issues.append(FeatureIssue(
                     f"teacher '{name}'", "attention_weight",
-                    f"minilm: the attention transfer compares heads one to one, but the student has {s.num_heads} "
-                    f"heads and teacher '{name}' {t.num_heads}; give the student {t.num_heads} heads, use minilmv2 "
+                    f"minilm: the attention transfer compares heads one to one, but the student has {s.num_attention_heads} "
+                    f"heads and teacher '{name}' {t.num_attention_heads}; give the student {t.num_attention_heads} heads, use minilmv2 "
                     f"(relation heads), or set attention_weight: 0"))
             if config["value_weight"] > 0 and s.num_kv_heads != t.num_kv_heads:
                 issues.append(FeatureIssue(

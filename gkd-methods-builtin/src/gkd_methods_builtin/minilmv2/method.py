@@ -45,7 +45,7 @@ def split_relation_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _widths(m: ModelShape) -> dict[str, tuple[str, int]]:
     """Concatenated width of each relation input: queries span all heads, keys/values the KV heads (GQA)."""
-    return {"query": ("heads", m.num_heads * m.head_dim), "key": ("key/value heads", m.num_kv_heads * m.head_dim),
+    return {"query": ("heads", m.num_attention_heads * m.head_dim), "key": ("key/value heads", m.num_kv_heads * m.head_dim),
             "value": ("key/value heads", m.num_kv_heads * m.head_dim)}
 
 

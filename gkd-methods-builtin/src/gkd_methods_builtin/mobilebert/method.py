@@ -90,10 +90,10 @@ class MobileBERT(Method):
                     f"mobilebert: feature-map transfer compares hidden states without a projection, but the student "
                     f"has hidden_size {s.hidden_size} and {label} {t.hidden_size}; give the student the teacher's "
                     f"width (MobileBERT keeps the residual stream equal) or set hidden_weight: 0")))
-            if config["attention_weight"] > 0 and t.num_heads != s.num_heads:
+            if config["attention_weight"] > 0 and t.num_attention_heads != s.num_attention_heads:
                 issues.append(FeatureIssue(label, "attention_weight", (
-                    f"mobilebert: attention transfer compares heads one to one, but the student has {s.num_heads} "
-                    f"heads and {label} {t.num_heads}; give the student {t.num_heads} heads or set "
+                    f"mobilebert: attention transfer compares heads one to one, but the student has {s.num_attention_heads} "
+                    f"heads and {label} {t.num_attention_heads}; give the student {t.num_attention_heads} heads or set "
                     f"attention_weight: 0")))
         if config["soft_weight"] > 0:
             issues += logits_issues(cls.name, context, field="soft_weight", fix="or set soft_weight: 0")

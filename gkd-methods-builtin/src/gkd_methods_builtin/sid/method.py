@@ -84,10 +84,10 @@ class SID(Method):
                     f"sid: the cosine term compares hidden vectors of equal width, but the student has hidden_size "
                     f"{s.hidden_size} and {label} {t.hidden_size}; give the student the teacher's width or set "
                     "cosine_weight: 0")))
-            if att_on and s.num_heads != t.num_heads:
+            if att_on and s.num_attention_heads != t.num_attention_heads:
                 issues.append(FeatureIssue(label, "attention_weight", (
-                    f"sid: the attention term compares heads one to one, but the student has {s.num_heads} heads and "
-                    f"{label} {t.num_heads}; give the student {t.num_heads} heads or set attention_weight: 0")))
+                    f"sid: the attention term compares heads one to one, but the student has {s.num_attention_heads} heads and "
+                    f"{label} {t.num_attention_heads}; give the student {t.num_attention_heads} heads or set attention_weight: 0")))
         issues += prediction_issues(cls.name, config, context, fix="or set soft_weight: 0 (hard loss only)")
         return issues
 

@@ -44,6 +44,17 @@ def score_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor)
     return all_reduce_mean_over_tp((diff**2).sum() / v.sum().clamp_min(1))
 
 
+def _pair(student_tap: str, teacher_tap: str) -> str:
+    """A layer pair's name in logged parts: ``2-4`` is student 2 against teacher 4, counted as
+    :func:`hidden_tap` counts hidden states (0 = embeddings, ``i`` = output of layer ``i - 1``)
+    for hidden states, and as layers (from 0) for attention scores."""
+
+    def index(tap: str) -> int:
+        return 0 if tap == "embeddings" else int(tap.split(".")[1]) + tap.endswith(".output")
+
+    return f"{index(student_tap)}-{index(teacher_tap)}"
+
+
 class TinyBERT(Method):
     name = "tinybert"
 
@@ -54,11 +65,11 @@ class TinyBERT(Method):
         s = context.student
         issues: list[FeatureIssue] = []
         for name, t in context.teachers.items():
-            if config["attention"] and s.num_heads != t.num_heads:
+            if config["attention"] and s.num_attention_heads != t.num_attention_heads:
                 issues.append(FeatureIssue(
                     f"teacher '{name}'", "attention",
-                    f"tinybert: the attention loss needs equal head counts (student {s.num_heads}, teacher '{name}' "
-                    f"{t.num_heads}); set config.attention: false or give the student as many heads"))
+                    f"tinybert: the attention loss needs equal head counts (student {s.num_attention_heads}, teacher '{name}' "
+                    f"{t.num_attention_heads}); set config.attention: false or give the student as many heads"))
             if config["hidden"] or config["attention"]:
                 issues += depth_issues(cls.name, context, teachers=[name])
         if config["prediction"]:
@@ -121,16 +132,14 @@ class TinyBERT(Method):
         mask = outputs.batch["attention_mask"]
         terms: dict[str, torch.Tensor] = {}
         if hidden:
-            terms["hidden"] = cfg["hidden_weight"] * sum(
-                (losses.mse(self.proj(s_out.features[s]), t_out.features[t], mask) for s, t in hidden),
-                start=torch.zeros(()),
-            )
+            pairs = {_pair(s, t): losses.mse(self.proj(s_out.features[s]), t_out.features[t], mask) for s, t in hidden}
+            terms["hidden"] = cfg["hidden_weight"] * sum(pairs.values(), start=torch.zeros(()))
+            terms |= {f"hidden/{k}": cfg["hidden_weight"] * v for k, v in pairs.items()}
         if attention:
             valid = losses.attention_valid_mask(mask, causal=self.context.student.family == "decoder")
-            terms["attention"] = cfg["attention_weight"] * sum(
-                (score_mse(s_out.features[s], t_out.features[t], valid) for s, t in attention),
-                start=torch.zeros(()),
-            )
+            pairs = {_pair(s, t): score_mse(s_out.features[s], t_out.features[t], valid) for s, t in attention}
+            terms["attention"] = cfg["attention_weight"] * sum(pairs.values(), start=torch.zeros(()))
+            terms |= {f"attention/{k}": cfg["attention_weight"] * v for k, v in pairs.items()}
         if cfg["prediction"]:
             terms["prediction"] = cfg["prediction_weight"] * losses.soft_cross_entropy(
                 s_out.logits, teacher_logits(outputs, self.teacher_name, self.name), cfg["temperature"],
