@@ -131,7 +131,7 @@ def run_config(tmp_path: Path) -> Path:
     common: dict[str, Any] = dict(family="encoder", vocab_size=97, num_attention_heads=4, ffn_hidden_size=64,
                                   max_position_embeddings=64, head="classification", num_labels=3)
     export_hf(build_model(ModelConfig(hidden_size=32, num_layers=4, **common), seed=1), tmp_path / "teacher")
-    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "a b c", "label": "x"}) + "\n")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": "a b c", "label": x}) + "\n" for x in "xyz"))
     cfg = {
         "name": "planned", "run_dir": str(tmp_path / "run"), "seed": 1,
         "task": {"type": "sequence_classification", "max_length": 32, "num_labels": 3},

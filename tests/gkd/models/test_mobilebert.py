@@ -398,7 +398,7 @@ def test_model_shape_has_the_bottleneck_head_dim(tmp_path) -> None:
 
 
 def _write_run(tmp_path: Path, teacher: Path, student: Path | dict[str, Any], method: str) -> Path:
-    (tmp_path / "train.jsonl").write_text('{"text": "a b c", "label": 0}\n')
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"text": "a b c", "label": {x}}}\n' for x in range(3)))
     init = student if isinstance(student, dict) else {"strategy": "pretrained", "path": str(student)}
     run = {
         "task": {"type": "sequence_classification"},
