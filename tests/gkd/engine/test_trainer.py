@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from gkd.cli import cli
 from gkd.config import load_run_config
+from gkd.config.errors import ConfigError
 from gkd.engine.checkpoint import find_latest
 from gkd.engine.trainer import Trainer, TrainingInterrupted
 from gkd.models import ModelConfig, build_model, export_hf
@@ -274,3 +275,60 @@ def test_bf16_teacher_and_progress_lines(workspace, registry):
     assert [m.split(" loss")[0] for m in messages if " step " in m and "loss" in m] == [
         "[1/2] tinybert step 2/3 (66%)", "[1/2] tinybert step 3/3 (100%)", "[2/2] kd step 2/3 (66%)",
         "[2/2] kd step 3/3 (100%)"]
+
+
+# ---------------------------------------------------------------- early stopping
+
+EARLY = [{"name": "kd", "steps": 8, "methods": [{"name": "kd"}],
+          "training": {"eval_every_steps": 1, "early_stopping": {"patience": 2, "metric": "accuracy", "min_delta": 1.0}}},
+         {"name": "kd2", "steps": 2, "methods": [{"name": "kd"}]}]
+"""min_delta 1.0: no evaluation after the first can improve accuracy, so the stage ends at step 3 of 8."""
+
+
+def early_config(workspace: Path, run_dir: Path) -> Path:
+    return write_config(workspace, run_dir, stages=EARLY,
+                        data={"train": {"path": "train.jsonl"}, "eval": {"path": "test.jsonl"}})
+
+
+def test_early_stopping_ends_the_stage_and_the_run_goes_on(workspace, registry):
+    run_dir = workspace / "early"
+    messages: list[str] = []
+    summary = Trainer(load_run_config(early_config(workspace, run_dir), registry=registry), registry, progress=False,
+                      echo=messages.append).execute()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["stage"], r["step"]) for r in records if r["kind"] == "train"]
+    assert steps == [("kd", 1), ("kd", 2), ("kd", 3), ("kd2", 1), ("kd2", 2)]
+    assert summary["global_step"] == 5
+    assert any(m.startswith("[kd] early stopping at step 3/8: accuracy has not improved on") for m in messages)
+    evals = [r["step"] for r in records if r["kind"] == "eval" and r["stage"] == "kd"]
+    assert evals == [1, 2, 3, 3]  # the periodic ones, then the stage's end evaluation at its last step
+    marker = json.loads((find_latest(run_dir).parent / "step-00000003" / "state.json").read_text())
+    assert marker["extra"]["early_stopping"]["stopped"] is True and marker["stage_iteration"] == 3
+
+
+def test_early_stopping_resumes_to_the_same_stop(workspace, registry):
+    full, split = workspace / "early-full", workspace / "early-split"
+    run(early_config(workspace, full), registry)
+    config = early_config(workspace, split)
+    with pytest.raises(TrainingInterrupted):
+        run(config, registry, stop_after=2)  # one evaluation without improvement is in the checkpoint
+    run(config, registry)
+    ref = load_file(str(find_latest(full) / "model.safetensors"))
+    got = load_file(str(find_latest(split) / "model.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    steps = [(json.loads(x)["stage"], json.loads(x)["step"]) for x in (split / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [("kd", 1), ("kd", 2), ("kd", 3), ("kd2", 1), ("kd2", 2)]
+
+
+def test_early_stopping_needs_periodic_evaluation_on_an_eval_split(workspace, registry):
+    no_eval = write_config(workspace, workspace / "early-bad", stages=EARLY)
+    with pytest.raises(ConfigError) as raised:
+        load_run_config(no_eval, registry=registry)
+    assert "stages[0].training.early_stopping: stage 'kd' has no eval split to judge" in str(raised.value)
+    stages = [dict(EARLY[0], training={"early_stopping": {"patience": 1}}), EARLY[1]]
+    no_every = write_config(workspace, workspace / "early-bad2", stages=stages,
+                            data={"train": {"path": "train.jsonl"}, "eval": {"path": "test.jsonl"}})
+    with pytest.raises(ConfigError) as raised:
+        load_run_config(no_every, registry=registry)
+    assert "evaluates only at its end; set training.eval_every_steps" in str(raised.value)

@@ -16,6 +16,7 @@ from gkd.config.run import (
     ArchitectureOverrides,
     CheckpointConfig,
     DatasetConfig,
+    EarlyStopping,
     ExportConfig,
     LoggingConfig,
     MethodEntry,
@@ -72,7 +73,7 @@ def _stage(view: resolve.StageView, top: dict[str, Any], user_stage: dict[str, A
         eval_data=_dataset(data.get("eval"), base) or _dataset(top["data"].get("eval"), base),
         optimizer=OptimizerConfig(**(optimizer | {"betas": tuple(optimizer["betas"])})),
         schedule=ScheduleConfig(**resolve.merged_section(top, user_stage, "schedule")),
-        training=TrainingConfig(**resolve.merged_section(top, user_stage, "training")),
+        training=_training(resolve.merged_section(top, user_stage, "training")),
         publish_as_teacher=s.get("publish_as_teacher"),
         student_init=_init(s["student_init"], base) if "student_init" in s else None,
     )
@@ -158,4 +159,10 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     return build_run_config(raw, base_dir=source.resolve().parent, registry=registry, source=source)
 
 
+def _training(merged: dict[str, Any]) -> TrainingConfig:
+    """A stage's ``training`` (top-level keys with the stage's own on top)."""
+    return TrainingConfig(**{**merged, "early_stopping": EarlyStopping.from_raw(merged.get("early_stopping"))})
+
+
 __all__ = ["build_run_config", "load_run_config"]
+

@@ -178,6 +178,23 @@ class TrainingConfig:
     checkpoint of it), or ``skip`` its update (ZeRO stage 0, fp32 only)."""
     max_skipped_steps: int = 10
     """``skip``: how many steps a run may skip; the next non-finite step stops it."""
+    early_stopping: EarlyStopping | None = None
+    """End the stage when periodic evaluations stop improving; None: off."""
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """``training.early_stopping``: ``patience`` evaluations without an improvement larger than
+    ``min_delta`` of ``metric`` end the stage."""
+
+    patience: int
+    metric: Literal["auto", "accuracy", "perplexity", "loss"] = "auto"
+    min_delta: float = 0.0
+
+    @classmethod
+    def from_raw(cls, value: Mapping[str, Any] | None) -> EarlyStopping | None:
+        return None if value is None else cls(int(value["patience"]), value.get("metric", "auto"),
+                                              float(value.get("min_delta", 0.0)))
 
 
 @dataclass(frozen=True)

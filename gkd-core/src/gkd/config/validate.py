@@ -275,6 +275,7 @@ class _Checker:
                                stage_lists=isinstance(stage.get("teachers"), list))
             if isinstance(stage.get("data"), dict):
                 self.check_data(stage["data"], f"{where}.data")
+            self.check_early_stopping(stage, where)
             pub = stage.get("publish_as_teacher")
             if isinstance(pub, str):
                 if pub in view.available:
@@ -282,6 +283,22 @@ class _Checker:
                 elif student is not None:  # the student of this stage, with the task's head it was trained with
                     self.shapes[pub] = replace(student, head=self._task_head())
         return seen_shapes
+
+    def check_early_stopping(self, stage: dict[str, Any], where: str) -> None:
+        """``training.early_stopping`` judges periodic evaluations: it needs an eval split and
+        ``eval_every_steps``."""
+        training = resolve.merged_section(self.raw, stage, "training")
+        if not isinstance(training.get("early_stopping"), dict):
+            return
+        own = stage.get("training") if isinstance(stage.get("training"), dict) else {}
+        field = f"{where}.training.early_stopping" if "early_stopping" in own else "training.early_stopping"
+        data = stage.get("data") if isinstance(stage.get("data"), dict) else {}
+        top = self.raw.get("data") if isinstance(self.raw.get("data"), dict) else {}
+        if "eval" not in data and "eval" not in top:
+            self.add(field, f"stage '{stage.get('name')}' has no eval split to judge (set data.eval or "
+                            f"{where}.data.eval)")
+        if not training.get("eval_every_steps"):
+            self.add(field, f"stage '{stage.get('name')}' evaluates only at its end; set training.eval_every_steps")
 
     def _task_head(self) -> str | None:
         task = self.raw.get("task")

@@ -19,6 +19,7 @@ from gkd.config.run import RunConfig, StageConfig
 from gkd.engine import checkpoint as ckpt
 from gkd.engine.callbacks import Callbacks, StepInfo
 from gkd.engine.data import BatchIterator, TaskDataset
+from gkd.engine.early_stopping import EarlyStopWatch
 from gkd.engine.evaluate import Evaluation, evaluate
 from gkd.engine.fingerprint import teacher_references
 from gkd.engine.metrics import MetricsLogger
@@ -88,7 +89,7 @@ class Checkpointer:
 
     def save(self, stage_index: int, stage_iteration: int, global_step: int, *, model: nn.Module, auxiliary: nn.Module,
              optimizer: Any, scheduler: Any, iterator: BatchIterator, methods: Mapping[str, SelectedMethod],
-             skipped_steps: int = 0) -> Path:
+             skipped_steps: int = 0, early_stopping: dict[str, Any] | None = None) -> Path:
         """Save a checkpoint; collective (every rank calls it, global rank 0 writes). Returns its directory.
 
         Raises:
@@ -105,6 +106,8 @@ class Checkpointer:
             extra={"teacher_paths": {k: str(v) for k, v in paths.items()}, "labels": self.labels(),
                    "skipped_steps": skipped_steps},
         )
+        if early_stopping is not None:
+            state.extra["early_stopping"] = early_stopping
         architecture = getattr(model, "model_config", None)
         if architecture is not None:  # what `gkd export --stage` rebuilds the student from (gkd.deploy.source)
             state.extra["student_model"] = dataclasses.asdict(architecture)
@@ -181,6 +184,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
     if training.nonfinite == "skip" and (optimizer_kind(optimizer) is not None or training.precision != "fp32"):
         raise GkdError(f"stages[{job.index}].training.nonfinite: 'skip' needs parallel.zero.stage 0 and fp32 "
                        "(DeepSpeed's partitioned optimizers cannot drop one update); use 'stop'")
+    watch = EarlyStopWatch.for_stage(training.early_stopping, resume)
     if resume is not None:
         progress.skipped_steps = int(resume.state.extra.get("skipped_steps", 0))
         start = restore_training(resume, model=job.model, auxiliary=auxiliary, optimizer=optimizer,
@@ -192,6 +196,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
     if job.analysis is not None and start == 0:
         job.analysis.record(step=0, global_step=progress.global_step, at="start")
     job.model.train()
+    last = total  # the stage's last step (earlier when early stopping ends it)
     io.callbacks.stage_start(stage)
     shown = StageProgress(total=total, start=start, desc=f"[{job.index + 1}/{len(run.stages)}] {stage.name}",
                           bar=io.progress_bar and parallel.is_global_rank_zero(),
@@ -260,20 +265,26 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                 job.analysis.record(step=step, global_step=progress.global_step, at="end" if done else "step",
                                     loss=loss_value, terms=sums)
             if training.eval_every_steps and step % training.eval_every_steps == 0 and not done:
-                _evaluate(run, job, step, progress, placement, io)
+                evaluation = _evaluate(run, job, step, progress, placement, io)
+                if watch is not None and evaluation is not None and watch.update(evaluation):
+                    done, last = True, step  # the stage ends here: checkpointed as finished
+                    io.echo(f"[{stage.name}] early stopping at step {step}/{total}: {watch.describe()}")
             stop = io.stop_after is not None and progress.global_step >= io.stop_after
             if job.checkpointer is not None and (done or stop or job.checkpointer.due(progress.global_step)):
                 saved = job.checkpointer.save(job.index, step, progress.global_step, model=job.model,
                                               auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
                                               iterator=iterator, methods=job.methods,
-                                              skipped_steps=progress.skipped_steps)
+                                              skipped_steps=progress.skipped_steps,
+                                              early_stopping=watch.state() if watch is not None else None)
                 io.callbacks.checkpoint(saved, progress.global_step)
             if stop and not done:
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
+            if done:
+                break
     finally:
         shown.close()
     del engine
-    evaluation = _evaluate(run, job, total, progress, placement, io)
+    evaluation = _evaluate(run, job, last, progress, placement, io)
     io.callbacks.stage_end(stage, evaluation)
     return evaluation
 

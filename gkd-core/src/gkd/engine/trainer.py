@@ -44,6 +44,7 @@ from gkd.engine.build import build_methods, model_shape
 from gkd.engine.callbacks import Callback, Callbacks
 from gkd.engine.chain import TEACHER_META, FinishedLink
 from gkd.engine.data import epoch_batches
+from gkd.engine.early_stopping import stopped_early
 from gkd.engine.fingerprint import sha256_of_checkpoint
 from gkd.engine.loop import (
     Checkpointer,
@@ -224,7 +225,7 @@ class Trainer:
         train_data = assets.dataset(stage.train_data)
         if resume is not None:
             batches = epoch_batches(len(train_data), stage.training.batch_size, world_size=parallel.dp_world_size())
-            if resume.state.stage_iteration >= stage_steps(stage, batches):
+            if resume.state.stage_iteration >= stage_steps(stage, batches) or stopped_early(resume):
                 restore_finished_stage(resume, student)  # the checkpoint is this stage's end
                 return True
         teachers = {t: assets.teacher_shape(t) for t in stage.used_teachers}
