@@ -320,7 +320,9 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 def _localise(text: str, root: Path) -> str:
     """``/tmp/`` → the block's directory, ``/work/main/`` → the repository: runs never collide."""
-    return text.replace("/work/main/", f"{ROOT}/").replace("/tmp/", f"{root}/tmp/")
+    # One pass: the repository itself may live under /tmp/ (a CI clone), so a path already mapped
+    # must not be mapped again.
+    return re.sub(r"/work/main/|/tmp/", lambda m: f"{ROOT}/" if m.group() == "/work/main/" else f"{root}/tmp/", text)
 
 
 def _with_overrides(command: str, overrides: list[str], limit: str | None = None) -> str:
