@@ -142,6 +142,9 @@ def test_teacher_finetune_stage_is_reused(workspace, registry):
     assert any("reusing the fine-tuned teacher 't'" in m for m in messages)
     again = load_file(str(find_latest(run_dir) / "model.safetensors"))
     assert student.keys() == again.keys() and all(torch.equal(student[k], again[k]) for k in student)
+    assert find_latest(run_dir).name == "step-00000004"  # the reused teacher's 2 steps still count
+    steps = [json.loads(x)["global_step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 4]  # the re-run logs its own (student) steps only
 
 
 def test_distill_cli_rejects_bad_set_keys(workspace):

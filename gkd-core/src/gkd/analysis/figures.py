@@ -99,7 +99,8 @@ def loss_terms(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     for ax, (stage, recs) in zip(axes.flat, stages.items(), strict=False):
         recs = sorted(recs, key=lambda r: r["step"])
         steps = [r["step"] for r in recs]
-        names = ["total", *dict.fromkeys(k for r in recs for k in r.get("terms", {}))]
+        # A term's layer-pair parts (``tinybert.hidden/1-2``) are in metrics.jsonl, not in this figure.
+        names = ["total", *dict.fromkeys(k for r in recs for k in r.get("terms", {}) if "/" not in k)]
         positive = True
         for name in names:
             ys = [r["loss"] if name == "total" else r.get("terms", {}).get(name, math.nan) for r in recs]

@@ -250,16 +250,22 @@ class Trainer:
         out = chain.teacher_dir(self.run, name)
         fingerprint = self._fingerprint(stage, source, assets)
         meta_path = out / TEACHER_META
-        if (chain.read_meta(out) or {}).get("fingerprint") == fingerprint:
+        meta = chain.read_meta(out) or {}
+        if meta.get("fingerprint") == fingerprint:
             self.echo(f"[{stage.name}] reusing the fine-tuned teacher '{name}' in {out}")
+            # Its steps still count, so later stages keep the global steps (checkpoint names,
+            # --stop-after, analysis points) of the run that fine-tuned it.
+            progress.global_step += int(meta.get("steps", 0))
         else:
             model = assets.trainable_teacher(name)
             job = StageJob(index, stage, model, {STUDENT: model}, assets.dataset(stage.train_data),
                            assets.dataset(stage.eval_data) if stage.eval_data else None)
+            before = progress.global_step
             train_stage(self.run, job, progress, assets.placement, io)
             export_hf(model, out, tokenizer_dir=source)
             if parallel.is_global_rank_zero():
-                atomic_write_json(meta_path, {"fingerprint": fingerprint, "source": str(source), "stage": stage.name})
+                atomic_write_json(meta_path, {"fingerprint": fingerprint, "source": str(source), "stage": stage.name,
+                                              "steps": progress.global_step - before})
             parallel.barrier()
         assets.set_teacher_path(name, out)
 
