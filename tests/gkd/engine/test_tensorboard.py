@@ -235,3 +235,16 @@ def test_wandb_missing_package_is_one_line_naming_the_extra(workspace, registry,
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert any("logging.wandb: needs the wandb package" in line and "gkd-core[wandb]" in line
                for line in result.output.splitlines()), result.output
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from gkd.engine.sinks import WandbSink
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(GkdError, match=r"^logging\.wandb: could not start a W&B run in online mode: UsageError: "
+                                       r"'?api_key not configured"):
+        WandbSink(tmp_path, name="x", project="p", mode="online", config={})

@@ -104,8 +104,12 @@ class WandbSink:
             for old in (Path(run_dir) / WANDB_DIR).glob("offline-run-*"):
                 shutil.rmtree(old, ignore_errors=True)
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
-        self._run: Any = wandb.init(project=project, name=name, dir=str(run_dir), mode=mode, config=dict(config),
-                                    tags=list(tags), settings=settings, reinit="create_new")
+        try:
+            self._run: Any = wandb.init(project=project, name=name, dir=str(run_dir), mode=mode,
+                                        config=dict(config), tags=list(tags), settings=settings, reinit="create_new")
+        except Exception as exc:  # e.g. mode online without `wandb login`: W&B's own error types
+            raise GkdError(f"logging.wandb: could not start a W&B run in {mode} mode: {type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
 
     def write(self, record: Mapping[str, Any]) -> None:
         values = scalars(record)
