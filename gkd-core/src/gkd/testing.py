@@ -22,6 +22,7 @@ classes (encoders) or a tied LM head (decoders, 2 key/value heads: grouped-query
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,6 +54,7 @@ from gkd.methods.spec import MethodSpec, StageKind
 from gkd.plugins.manager import load_plugin_manager
 
 if TYPE_CHECKING:
+    from gkd.engine.teacher_cache import TeacherCache
     from gkd.models import GkdModel, ModelConfig
 
 TINY_HIDDEN = 32
@@ -373,7 +375,8 @@ def _as_selected(methods: Method | SelectedMethod | Mapping[str, Method | Select
 
 def run_step(methods: Method | SelectedMethod | Mapping[str, Method | SelectedMethod], models: Mapping[str, nn.Module],
              batch: Mapping[str, torch.Tensor], *, iteration: int = 0, total: int = 10, seed: int = 0,
-             stage: str = "test", epoch: int = 0, setup: bool = True, after_step: bool = False) -> StepResult:
+             stage: str = "test", epoch: int = 0, setup: bool = True, after_step: bool = False,
+             cache: TeacherCache | None = None) -> StepResult:
     """One training step's forward passes and losses, by the engine's :func:`distill_step`.
 
     Args:
@@ -387,6 +390,8 @@ def run_step(methods: Method | SelectedMethod | Mapping[str, Method | SelectedMe
         setup: Call ``method.setup(models)`` first.
         after_step: Then call ``method.after_step`` with the step's term values, as the trainer
             does once per optimizer step (``{term: float}``, unweighted names without the method).
+        cache: A teacher cache (:meth:`gkd.engine.teacher_cache.TeacherCache.for_models`) to serve
+            the teachers from, as ``cache: auto`` does in training.
 
     Returns:
         The :class:`StepResult`: ``loss`` (with its graph; call ``backward()``) and ``terms``.
@@ -396,7 +401,7 @@ def run_step(methods: Method | SelectedMethod | Mapping[str, Method | SelectedMe
         for s in sel.values():
             s.method.setup(models)
     contexts = {name: step_context(seed, stage, 0, epoch, iteration, total, name) for name in sel}
-    result = distill_step(models, sel, contexts, batch)
+    result = distill_step(models, sel, contexts, batch, cache=cache)
     if after_step:
         for name, s in sel.items():
             logged = {k.split(".", 1)[1]: float(v.detach()) for k, v in result.terms.items() if k.startswith(name + ".")}
@@ -630,6 +635,138 @@ def check_conformance(name: str | MethodSpec, config: Mapping[str, Any] | None =
     return report
 
 
+# ---------------------------------------------------------------------------- teacher cache
+
+
+@dataclass
+class CacheReport:
+    """What :func:`check_cache` ran."""
+
+    served: int
+    """Teacher batches served from the cache (0: every request of the method ran the teacher)."""
+    computed: int
+    """Teacher batches computed (and, where allowed, written)."""
+    reason: str | None
+    """Why a request could not be served (``None`` when every one could)."""
+    terms: list[dict[str, float]] = field(default_factory=list)
+    """The cached run's terms, step by step."""
+
+
+def _ragged_batches(family: Family, task: str, lengths: Sequence[int], order: Sequence[int], pad_to: int,
+                    generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Examples of ``lengths`` tokens (fixed by ``generator``), batched in ``order`` (pairs),
+    right-padded to ``pad_to`` positions."""
+    rows = []
+    for n in lengths:
+        full = tiny_batch(family, task, batch=1, seq=n, generator=generator)
+        rows.append({k: v[0] for k, v in full.items()})
+    batches = []
+    for start in range(0, len(order), 2):
+        chosen = [rows[i] for i in order[start:start + 2]]
+        batch: dict[str, torch.Tensor] = {}
+        for name in chosen[0]:
+            if chosen[0][name].dim() == 0:
+                batch[name] = torch.stack([r[name] for r in chosen])
+                continue
+            fill = -100 if name == "labels" else 0
+            batch[name] = torch.stack([torch.nn.functional.pad(r[name], (0, pad_to - r[name].shape[0]), value=fill)
+                                       for r in chosen])
+        batch["attention_mask"] = torch.stack([
+            (torch.arange(pad_to) < lengths[i]).long() for i in order[start:start + 2]])
+        batches.append(batch)
+    return batches
+
+
+def check_cache(name: str | MethodSpec, config: Mapping[str, Any] | None = None, *, family: Family = "encoder",
+                task: str | None = None, teachers: Sequence[str] | Mapping[str, int] | None = None,
+                student_layers: int = 2, teacher_layers: int = 4, seed: int = 0, precision: str = "exact",
+                rtol: float = 1e-4, directory: Any = None) -> CacheReport:
+    """Check that a method gives the same terms with a teacher cache as without.
+
+    Four examples of different lengths are trained on in three "epochs": the first fills the
+    cache; the second repeats its batches (as a second run over the same data does) and, in
+    ``exact`` precision, must give identical terms, bit for bit — so a method that reads the
+    teacher's padding positions fails here; the third reshuffles the examples and pads them
+    longer, and its terms must agree within ``rtol`` (the teacher's outputs for an example differ
+    between batch layouts by float reassociation; a cache serves the first layout's).
+
+    Each step runs twice on identical methods, uncached and cached, and their terms are compared.
+
+    Args:
+        name, config, family, task, teachers, student_layers, teacher_layers, seed: As for
+            :func:`check_conformance`.
+        precision: ``exact``, or ``compressed`` (then every comparison uses ``rtol``).
+        rtol: Relative tolerance of the reshuffled epoch (and of ``compressed``).
+        directory: Where the cache lives (default: a temporary directory, removed afterwards).
+
+    Returns:
+        :class:`CacheReport`: how many teacher batches were served, and why not where not.
+
+    Raises:
+        AssertionError: A term differs between the cached and the uncached run.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from gkd.config.run import CacheConfig
+    from gkd.engine.teacher_cache import TeacherCache
+
+    spec = _spec(name)
+    task = task or default_task(family)
+    if teachers is None:
+        teachers = ({"t1": teacher_layers, "t2": max(student_layers, teacher_layers - 1)}
+                    if spec.kind == "multi-teacher" else {"t": teacher_layers})
+    models = tiny_models(family, teachers=teachers, teacher_layers=teacher_layers, student_layers=student_layers,
+                         task=task, seed=seed)
+    plain = build_method(spec, config, models=models, task=task, seed=seed)
+    cached = build_method(spec, config, models=models, task=task, seed=seed)
+    plain.setup(models)
+    cached.setup(models)
+    lengths = [9, 5, 3, 7]
+    first = _ragged_batches(family, task, lengths, [0, 1, 2, 3], 9, torch.Generator().manual_seed(seed))
+    shuffled = _ragged_batches(family, task, lengths, [2, 0, 3, 1], 12, torch.Generator().manual_seed(seed))
+    epochs = [(b, "fill") for b in first] + [(b, "repeat") for b in first] + [(b, "reshuffled") for b in shuffled]
+    with contextlib.ExitStack() as stack:
+        root = Path(directory) if directory is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        settings = CacheConfig("auto", precision)  # type: ignore[arg-type]
+        cache = TeacherCache.for_models(settings, root, models)
+        reasons: list[str] = []
+        original = cache.why_not
+
+        def why_not(key: str, request: Any, teacher_grad: bool = False) -> str | None:
+            reason = original(key, request, teacher_grad)
+            if reason is not None:
+                reasons.append(reason)
+            return reason
+
+        cache.why_not = why_not  # type: ignore[method-assign]
+        a_state, b_state = plain.initial_state(), cached.initial_state()
+        report_terms = []
+        for i, (batch, kind) in enumerate(epochs):
+            def ctx(i: int = i) -> dict[str, StepContext]:  # one per run: the step consumes its generator
+                return {spec.name: step_context(seed, "test", 0, i // 2, i, len(epochs), spec.name)}
+
+            a = distill_step(models, {spec.name: SelectedMethod(plain, 1.0, a_state)}, ctx(), batch)
+            b = distill_step(models, {spec.name: SelectedMethod(cached, 1.0, b_state)}, ctx(), batch, cache=cache)
+            a_terms = {k: float(v.detach()) for k, v in a.terms.items()}
+            b_terms = {k: float(v.detach()) for k, v in b.terms.items()}
+            exact = precision == "exact" and kind != "reshuffled"
+            same = a.terms.keys() == b.terms.keys() and all(
+                torch.equal(a.terms[k].detach(), b.terms[k].detach()) if exact else
+                math.isclose(a_terms[k], b_terms[k], rel_tol=rtol, abs_tol=rtol * 1e-3) for k in a.terms)
+            if not same:
+                how = "bit for bit" if exact else f"within rtol {rtol}"
+                raise AssertionError(f"{spec.name}: step {i} ({kind} batch) terms differ {how} with the teacher "
+                                     f"cache: uncached {a_terms}, cached {b_terms}")
+            report_terms.append(b_terms)
+            for method, state, terms in ((plain, a_state, a_terms), (cached, b_state, b_terms)):
+                own = {k.split(".", 1)[1]: v for k, v in terms.items() if k.startswith(spec.name + ".")}
+                method.after_step(ctx()[spec.name], state, own)
+        cache.flush()
+        return CacheReport(cache.stats.batches_served, cache.stats.batches_computed, reasons[0] if reasons else None,
+                           report_terms)
+
+
 @dataclass
 class TensorParallelReport:
     """What :func:`check_tensor_parallel` compared: the reference (TP=1) loss and terms per step,
@@ -779,9 +916,11 @@ __all__ = [
     "TINY_HIDDEN",
     "TINY_LABELS",
     "TINY_VOCAB",
+    "CacheReport",
     "Conformance",
     "TensorParallelReport",
     "build_method",
+    "check_cache",
     "check_conformance",
     "check_tensor_parallel",
     "context_of",

@@ -14,6 +14,7 @@ from gkd.config.paths import resolve_path
 from gkd.config.run import (
     AnalysisConfig,
     ArchitectureOverrides,
+    CacheConfig,
     CheckpointConfig,
     DatasetConfig,
     EarlyStopping,
@@ -76,6 +77,7 @@ def _stage(view: resolve.StageView, top: dict[str, Any], user_stage: dict[str, A
         training=_training(resolve.merged_section(top, user_stage, "training")),
         publish_as_teacher=s.get("publish_as_teacher"),
         student_init=_init(s["student_init"], base) if "student_init" in s else None,
+        cache=s.get("cache"),
     )
 
 
@@ -122,6 +124,7 @@ def _build(raw: dict[str, Any], user: dict[str, Any], base: Path, registry: Meth
         test_data=_dataset(raw["data"].get("test"), base),
         source=source,
         raw=raw,
+        cache=CacheConfig.from_raw(raw["cache"], base),
     )
 
 

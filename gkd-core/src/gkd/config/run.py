@@ -268,6 +268,35 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """``cache``: the teacher-output cache (:mod:`gkd.engine.teacher_cache`); a stage's ``cache``
+    overrides ``mode``."""
+
+    mode: Literal["off", "auto", "required"] = "off"
+    """``off``, ``auto`` (serve what may be served) or ``required`` (stop when a stage's teacher
+    request may not be served)."""
+    precision: Literal["exact", "compressed"] = "exact"
+    """``exact`` (the teacher's dtype) or ``compressed``."""
+    dir: Path | None = None
+    """None: ``GKD_CACHE_DIR`` or the user's cache directory."""
+    top_k: int = 32
+    """``compressed``: logits kept per position."""
+    dtype: Literal["fp16", "bf16"] = "fp16"
+    """``compressed``: dtype of floating features."""
+
+    @classmethod
+    def from_raw(cls, value: str | Mapping[str, Any], base: Path | None = None) -> CacheConfig:
+        """The config of ``cache`` (a mode, or its options); a relative ``dir`` is against ``base``."""
+        if isinstance(value, str):
+            return cls(mode=value)  # type: ignore[arg-type]
+        options = {"mode": "auto", **value}
+        if "dir" in options:
+            path = Path(options["dir"]).expanduser()
+            options["dir"] = path if path.is_absolute() or base is None else base / path
+        return cls(**options)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     enabled: bool = True
     dir: Path | None = None
@@ -324,6 +353,8 @@ class StageConfig:
     training: TrainingConfig
     publish_as_teacher: str | None
     student_init: StudentInit | None
+    cache: Literal["off", "auto", "required"] | None = None
+    """This stage's cache mode; None: the top-level ``cache.mode``."""
 
     @property
     def trains_teacher(self) -> str | None:
@@ -356,7 +387,13 @@ class RunConfig:
     test_data: DatasetConfig | None
     source: Path | None
     raw: dict[str, Any]
+    cache: CacheConfig = CacheConfig()
+    """``cache``: the teacher-output cache."""
     """The fully defaulted config as a plain mapping (saved next to every checkpoint)."""
+
+    def cache_mode(self, stage: StageConfig) -> str:
+        """The cache mode of ``stage``: its own ``cache``, else the top-level one."""
+        return stage.cache or self.cache.mode
 
     def teacher(self, name: str) -> TeacherConfig:
         return next(t for t in self.teachers if t.name == name)

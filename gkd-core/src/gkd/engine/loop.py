@@ -37,6 +37,7 @@ from gkd.engine.step import (
     nonfinite_names,
     step_context,
 )
+from gkd.engine.teacher_cache import TeacherCache
 from gkd.errors import GkdError
 from gkd.parallel.comm import mean_over_dp
 from gkd.parallel.placement import Placement
@@ -139,6 +140,8 @@ class StageJob:
     checkpointer: Checkpointer | None = None
     analysis: StageAnalysis | None = None
     """Feature distances recorded at the stage's start, every ``analysis.every`` global steps and its end."""
+    cache: TeacherCache | None = None
+    """Serves the frozen teachers' outputs (``cache``); None: off."""
 
 
 @dataclass
@@ -209,7 +212,14 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
             loss_value = 0.0
             skipped = False
             for micro in range(training.grad_accum):
-                result = distill_step(job.models, job.methods, contexts, placement.batch(next(iterator)))
+                epoch = iterator.next_epoch
+                result = distill_step(job.models, job.methods, contexts, placement.batch(next(iterator)),
+                                      cache=job.cache)
+                if job.cache is not None:
+                    if iteration == start and micro == 0:
+                        job.cache.check_used()
+                    if iterator.next_epoch != epoch:  # an epoch's entries are on disk before the next epoch
+                        job.cache.flush()
                 loss_value += float(result.loss.detach()) / training.grad_accum
                 for k, v in result.terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / training.grad_accum
@@ -271,6 +281,8 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                     io.echo(f"[{stage.name}] early stopping at step {step}/{total}: {watch.describe()}")
             stop = io.stop_after is not None and progress.global_step >= io.stop_after
             if job.checkpointer is not None and (done or stop or job.checkpointer.due(progress.global_step)):
+                if job.cache is not None:
+                    job.cache.flush()
                 saved = job.checkpointer.save(job.index, step, progress.global_step, model=job.model,
                                               auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
                                               iterator=iterator, methods=job.methods,
@@ -283,6 +295,10 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                 break
     finally:
         shown.close()
+        if job.cache is not None:
+            job.cache.flush()
+    if job.cache is not None and parallel.is_global_rank_zero():
+        io.echo(f"[{stage.name}] {job.cache.stats.describe()}")
     del engine
     evaluation = _evaluate(run, job, last, progress, placement, io)
     io.callbacks.stage_end(stage, evaluation)

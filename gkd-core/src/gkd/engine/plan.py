@@ -30,6 +30,8 @@ class ModelRequest:
     grad: bool = False
     full_logits: bool = False
     """Some method planning this model reads its gathered ``logits`` (its request lacks ``logits.vocab_shard``)."""
+    candidates: set[str] = field(default_factory=set)
+    """Features some method may request in other iterations (what a teacher cache records too)."""
 
     def capture_features(self) -> set[str]:
         """What the model records: the requested features, plus ``logits`` when the shard is
@@ -59,6 +61,7 @@ def merge_plans(plans: Mapping[str, PassPlan], *, include_student: bool = True) 
             merged = requests.setdefault(model, ModelRequest())
             merged.features |= set(req.features)
             merged.grad = merged.grad or req.grad
+            merged.candidates |= set(req.candidates)
             merged.full_logits = merged.full_logits or VOCAB_SHARD not in req.features
             for point, op in req.operations.items():
                 merged.operations.setdefault(point, []).append((method, op))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gkd.engine.plan import MergedPass, ModelRequest, merge_plans
+from gkd.engine.teacher_cache import TeacherCache
 from gkd.errors import GkdError
 from gkd.methods.api import STUDENT, Method, ModelView, PassPlan, PassView, StepContext
 from gkd.methods.losses import (
@@ -26,6 +27,7 @@ from gkd.methods.losses import (
     vocab_parallel_task_loss_per_example,
 )
 from gkd.models.taps import VOCAB_SHARD
+from gkd.parallel.comm import any_rank
 from gkd.parallel.rng import seeded_generator
 from gkd.parallel.teacher_partition import partitioned_keys, planned_on_some_rank
 
@@ -72,27 +74,46 @@ def _run_model(model: nn.Module, batch: Mapping[str, torch.Tensor], features: se
     return out, dict(captured)
 
 
+def _teacher_outputs(model: nn.Module, key: str, req: ModelRequest, batch: Mapping[str, torch.Tensor],
+                     cache: TeacherCache | None, teacher_grad: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A teacher's logits and features: from ``cache`` when it may serve this request, else computed
+    (and kept in the cache when it may be)."""
+    features = req.capture_features()
+    if cache is None or not cache.may_serve(key, req, teacher_grad):
+        out, feats = _run_model(model, batch, features, req.composed_operations(), req.grad or teacher_grad)
+        return out.logits, feats
+    served = cache.lookup(key, features, batch)
+    if served is not None:
+        return served[1], served[0]
+    out, feats = _run_model(model, batch, features | req.candidates, {}, False)
+    cache.store(key, feats, out.logits, batch)
+    return out.logits, {f: feats[f] for f in features}
+
+
 def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping[str, torch.Tensor],
-             *, teacher_grad: bool = False) -> dict[str, ModelView]:
+             *, teacher_grad: bool = False, cache: TeacherCache | None = None) -> dict[str, ModelView]:
     """Run every model the merged plan needs; the student with autograd, teachers without
-    (unless a method asked for gradients through one)."""
+    (unless a method asked for gradients through one), or from ``cache`` where it may serve them."""
     labels = batch.get("labels")
     results: dict[str, ModelView] = {}
     for key, req in merged.requests.items():
         if key not in models:
             raise KeyError(f"a method asked for model '{key}', but this stage only has {sorted(models)}")
-        grad = key == STUDENT or req.grad or teacher_grad
-        out, feats = _run_model(models[key], batch, req.capture_features(), req.composed_operations(), grad)
+        if key == STUDENT:
+            out, feats = _run_model(models[key], batch, req.capture_features(), req.composed_operations(), True)
+            logits = out.logits
+        else:
+            logits, feats = _teacher_outputs(models[key], key, req, batch, cache, teacher_grad)
         # The hard loss: one mean over all labelled tokens of the batch (or over examples), the
         # convention evaluation uses too; the per-example means serve per-sample weighting.
         hard = hard_each = None
-        if labels is not None and out.logits is not None:
-            hard, hard_each = task_loss(out.logits, labels), task_loss_per_example(out.logits, labels)
+        if labels is not None and logits is not None:
+            hard, hard_each = task_loss(logits, labels), task_loss_per_example(logits, labels)
         elif labels is not None and VOCAB_SHARD in feats:  # the gather was skipped: the same loss from shards
             vocab = models[key].model_config.vocab_size
             hard = vocab_parallel_task_loss(feats[VOCAB_SHARD], labels, vocab)
             hard_each = vocab_parallel_task_loss_per_example(feats[VOCAB_SHARD], labels, vocab)
-        results[key] = ModelView(feats, out.logits, hard, hard_each)
+        results[key] = ModelView(feats, logits, hard, hard_each)
     return results
 
 
@@ -117,8 +138,10 @@ def _same_partitioned_passes(merged: MergedPass, shared: list[str], models: Mapp
 
 
 def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, SelectedMethod],
-                 contexts: Mapping[str, StepContext], batch: Mapping[str, torch.Tensor]) -> StepResult:
-    """Forward passes + losses of one micro-batch. ``methods`` empty means plain training."""
+                 contexts: Mapping[str, StepContext], batch: Mapping[str, torch.Tensor], *,
+                 cache: TeacherCache | None = None) -> StepResult:
+    """Forward passes + losses of one micro-batch. ``methods`` empty means plain training.
+    ``cache`` serves the frozen teachers' outputs it may serve (:mod:`gkd.engine.teacher_cache`)."""
     if not methods:
         out = run_pass(models, merge_plans({}), batch)[STUDENT]
         if out.task_loss is None:
@@ -146,7 +169,7 @@ def distill_step(models: Mapping[str, nn.Module], methods: Mapping[str, Selected
             merged = _same_partitioned_passes(merged, shared, models)
             if not merged.requests:
                 break
-        results = run_pass(models, merged, batch)
+        results = run_pass(models, merged, batch, cache=cache)
         for name, plan in plans.items():
             sel = methods[name]
             view = _view(plan, results, batch)
@@ -191,17 +214,6 @@ def local_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     """The parameters this rank holds of ``module`` (its ZeRO-3 partitions where partitioned)."""
     for param in module.parameters():
         yield param.ds_tensor if hasattr(param, "ds_tensor") else param.data
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on some rank of the job (one all-reduce; local without a job)."""
-    dist = torch.distributed
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def all_finite(module: nn.Module) -> bool:

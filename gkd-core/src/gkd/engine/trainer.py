@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from gkd.engine import checkpoint as ckpt
 from gkd.engine.analysis import AnalysisRecorder
 from gkd.engine.assets import RunAssets
 from gkd.engine.build import build_methods, model_shape
+from gkd.engine.cache_store import default_cache_dir
 from gkd.engine.callbacks import Callback, Callbacks
 from gkd.engine.chain import TEACHER_META, FinishedLink
 from gkd.engine.data import epoch_batches
@@ -62,10 +63,12 @@ from gkd.engine.resume import ResumePoint, find_resume_point, restore_finished_s
 from gkd.engine.rundir import claim_run_dir
 from gkd.engine.sinks import MetricSink, WandbSink
 from gkd.engine.step import ensure_finite
+from gkd.engine.teacher_cache import TeacherCache
 from gkd.methods.api import STUDENT, teacher_key
 from gkd.models import GkdModel, export_hf
 from gkd.parallel.placement import Placement
 from gkd.parallel.rng import seed_everything, stage_seed
+from gkd.parallel.teacher_partition import partitioned_keys
 from gkd.plugins.registry import MethodRegistry
 
 _UNSET: Any = object()
@@ -235,9 +238,25 @@ class Trainer:
             sel.method.setup(models)
         job = StageJob(index, stage, student, models, train_data,
                        assets.dataset(stage.eval_data) if stage.eval_data else None, methods, checkpointer,
-                       self._analysis.stage(index, stage, student) if self._analysis is not None else None)
+                       self._analysis.stage(index, stage, student) if self._analysis is not None else None,
+                       self._teacher_cache(stage, models, assets))
         train_stage(self.run, job, progress, assets.placement, io, resume)
         return False
+
+    def _teacher_cache(self, stage: StageConfig, models: Mapping[str, nn.Module], assets: RunAssets) -> TeacherCache | None:
+        """The stage's teacher-output cache (``cache``), or None when it is off or reads no teacher."""
+        mode = self.run.cache_mode(stage)
+        if mode == "off" or not stage.used_teachers:
+            return None
+        settings = dataclasses.replace(self.run.cache, mode=mode)
+        teachers = {teacher_key(t): (models[teacher_key(t)], assets.teachers[t].path, assets.teachers[t].dtype)
+                    for t in stage.used_teachers}
+        echo = self.echo if parallel.is_global_rank_zero() else (lambda _: None)
+        return TeacherCache.for_stage(settings, self.run.cache.dir or default_cache_dir(), stage=stage.name,
+                                      teachers=teachers, tokenizer_dir=assets.tokenizer_dir(),
+                                      max_length=self.run.task.max_length, tp_rank=parallel.tp_rank(),
+                                      tp_size=parallel.tp_world_size(), partitioned=frozenset(partitioned_keys(models)),
+                                      echo=lambda line: echo(f"[{stage.name}] {line}"))
 
     # ------------------------------------------------------------------ teachers made by the run
 

@@ -132,6 +132,10 @@ class ForwardRequest:
     operations: Mapping[str, Operation] = field(default_factory=dict)
     grad: bool = False
     """Teachers only: run with autograd (e.g. a method that backpropagates through a teacher)."""
+    candidates: frozenset[str] = frozenset()
+    """Teachers only: features this method may request in *other* iterations (random layer
+    choices). A teacher cache (``cache: auto``) records them too when it runs the teacher, so
+    the later iterations are served from it; without a cache they are not computed."""
 
 
 @dataclass(frozen=True)

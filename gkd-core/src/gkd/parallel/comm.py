@@ -414,6 +414,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, voc
 __all__ = [
     "all_reduce_mean_over_tp",
     "all_reduce_sum_over_tp",
+    "any_rank",
     "gather_along_dim",
     "gather_heads",
     "gather_last_dim",
@@ -423,3 +424,12 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_soft_per_position",
 ]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on some rank of the job (one all-reduce; local without a job)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

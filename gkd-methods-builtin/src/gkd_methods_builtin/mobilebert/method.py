@@ -161,8 +161,13 @@ class MobileBERT(Method):
         operations = {f"layers.{k - 1}.input": detach} if self.config["lower_layers"] == "freeze" else {}
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(p.student for p in hidden + attention), operations=operations),
-            teacher: ForwardRequest(features=frozenset(p.teacher for p in hidden + attention)),
+            teacher: ForwardRequest(features=frozenset(p.teacher for p in hidden + attention),
+                                    candidates=self._all_teacher_taps()),
         })
+
+    def _all_teacher_taps(self) -> frozenset[str]:
+        """What the later phases read from the teacher (a teacher cache records it in the first)."""
+        return frozenset(p.teacher for k in range(1, self.num_layers + 1) for pairs in self.pairs(k) for p in pairs)
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg, k = self.config, int(state["k"])

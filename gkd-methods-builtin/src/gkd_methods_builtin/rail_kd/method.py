@@ -138,8 +138,16 @@ class RailKD(Method):
         pairs = self.pairs(self._teacher_layers(step, state)) if self.config["inter_weight"] > 0 else []
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(s for s, _ in pairs)),
-            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in pairs)),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in pairs),
+                                                           candidates=self._candidates(pairs)),
         })
+
+    def _candidates(self, pairs: list[tuple[str, str]]) -> frozenset[str]:
+        """Every teacher hidden state a later draw may pick (a teacher cache records them all)."""
+        if self.config["layer_selection"] != "random" or not pairs:
+            return frozenset()
+        t, _ = self._depths()
+        return frozenset(t_tap for _, t_tap in pairs) | {hidden_tap(j) for j in range(1, t)}
 
     def rail_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
                   attention_mask: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,10 @@ class SID(Method):
         if hidden or attention:  # a layer phase: only its pairs' features, no prediction term
             return PassPlan({
                 STUDENT: ForwardRequest(features=frozenset(s for s, _ in hidden + attention)),
-                teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in hidden + attention)),
+                teacher_key(self.teacher_name): ForwardRequest(
+                    features=frozenset(t for _, t in hidden + attention),
+                    candidates=frozenset(t for k in range(1, self.context.student.num_layers + 1)
+                                         for pairs in self.taps(k) for _, t in pairs)),  # the later phases' (teacher cache)
             })
         models = {STUDENT: ForwardRequest()}
         if self.config["soft_weight"] > 0:  # logits only

@@ -122,8 +122,19 @@ class TinyBERT(Method):
         hidden, attention = self.pairs(self._teacher_map(step, state))
         return PassPlan({
             STUDENT: ForwardRequest(features=frozenset(s for s, _ in hidden + attention)),
-            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in hidden + attention)),
+            teacher_key(self.teacher_name): ForwardRequest(features=frozenset(t for _, t in hidden + attention),
+                                                           candidates=self._candidates(hidden, attention)),
         })
+
+    def _candidates(self, hidden: list[tuple[str, str]], attention: list[tuple[str, str]]) -> frozenset[str]:
+        """``layer_mapping: random``: every teacher tap a later draw may pick (a teacher cache records them all)."""
+        if self.config["layer_mapping"] != "random" or not self._maps_layers:
+            return frozenset()
+        t = next(iter(self.context.teachers.values())).num_layers
+        taps = {hidden_tap(i) for i in range(t + 1)} if hidden else set()
+        if attention:
+            taps |= {f"layers.{i}.attention.scores" for i in range(t)}
+        return frozenset(taps)
 
     def loss(self, step: StepContext, state: dict[str, Any], pass_index: int, outputs: PassView) -> dict[str, torch.Tensor]:
         cfg = self.config
