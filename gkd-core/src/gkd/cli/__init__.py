@@ -33,6 +33,7 @@ class Builtin(NamedTuple):
 BUILTIN_COMMANDS: dict[str, Builtin] = {
     "analyze": Builtin("gkd.cli.analyze:analyze",
                        "Correlate recorded feature distances with the loss and the task metric; with RUN_B, compare what each run moved."),
+    "cache": Builtin("gkd.cli.cache:cache", "Inspect and prune the teacher-output cache (run config `cache`)."),
     "config": Builtin("gkd.cli.config_cmd:config", "Run-config reference."),
     "distill": Builtin("gkd.cli.distill:distill",
                        "Distil as described by CONFIG (YAML or JSON), resuming from the latest checkpoint."),
