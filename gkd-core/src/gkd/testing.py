@@ -455,11 +455,14 @@ def _check_plans(spec: MethodSpec, plans: list[PassPlan], ctx: MethodContext) ->
                                      f"{sorted(allowed)}")
             patterns = spec.features.student if key == STUDENT else spec.features.teacher
             side = "student" if key == STUDENT else "teacher"
-            for feature in sorted(req.features):
+            for feature in sorted(req.features | req.candidates):
                 if not any(matches(pat, feature) for pat in patterns):
+                    what = "requests" if feature in req.features else "lists the candidate"
                     raise AssertionError(
-                        f"{spec.name}: pass {p} requests '{feature}' from {key}, which no {side} pattern of "
+                        f"{spec.name}: pass {p} {what} '{feature}' from {key}, which no {side} pattern of "
                         f"spec.features matches ({', '.join(patterns) or 'none declared'})")
+            if req.candidates and key == STUDENT:
+                raise AssertionError(f"{spec.name}: pass {p} lists candidates for the student; only teachers are cached")
             if req.operations and not spec.modifies_forward:
                 raise AssertionError(f"{spec.name}: pass {p} attaches operations at {sorted(req.operations)} on {key}, "
                                      "but the spec says modifies_forward=False")

@@ -263,3 +263,16 @@ def test_a_second_run_with_another_student_reuses_the_entries(workspace, tmp_pat
     other = {"init": {"strategy": "truncate", "teacher": "t", "num_layers": 1}}
     train(write_config(workspace, "student-b", method=KD, cache=cache, student=other), lines)
     assert any("teacher cache: 4 of 4 teacher batches served" in line for line in lines), lines
+
+
+def test_yaml_off_and_on_are_modes(workspace):
+    """YAML reads a bare ``off``/``on`` as false/true: both are accepted as the modes they name."""
+    config = write_config(workspace, "yaml-modes", method=KD)
+    text = config.read_text().replace("cache: 'off'", "cache: off")
+    text = text.replace("- epochs: 1", "- cache: on\n  epochs: 1")
+    config.write_text(text)
+    assert "cache: off" in text and "cache: on" in text
+    run = load_run_config(config, registry=load_plugin_manager().registry)
+    assert run.cache.mode == "off" and run.cache_mode(run.stages[0]) == "auto"
+    result = CliRunner().invoke(cli, ["validate", str(config), "--set", "cache=sometimes"])
+    assert result.exit_code == 2 and "cache: 'sometimes' is not valid" in result.output, result.output

@@ -77,7 +77,7 @@ def _stage(view: resolve.StageView, top: dict[str, Any], user_stage: dict[str, A
         training=_training(resolve.merged_section(top, user_stage, "training")),
         publish_as_teacher=s.get("publish_as_teacher"),
         student_init=_init(s["student_init"], base) if "student_init" in s else None,
-        cache=s.get("cache"),
+        cache=CacheConfig.mode_of(s["cache"]) if "cache" in s else None,
     )
 
 

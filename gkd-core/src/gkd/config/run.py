@@ -284,12 +284,19 @@ class CacheConfig:
     dtype: Literal["fp16", "bf16"] = "fp16"
     """``compressed``: dtype of floating features."""
 
+    @staticmethod
+    def mode_of(value: str | bool) -> Literal["off", "auto", "required"]:
+        """A mode as written: YAML reads a bare ``off`` as false, so false is ``off`` and true ``auto``."""
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value  # type: ignore[return-value]
+
     @classmethod
-    def from_raw(cls, value: str | Mapping[str, Any], base: Path | None = None) -> CacheConfig:
+    def from_raw(cls, value: str | bool | Mapping[str, Any], base: Path | None = None) -> CacheConfig:
         """The config of ``cache`` (a mode, or its options); a relative ``dir`` is against ``base``."""
-        if isinstance(value, str):
-            return cls(mode=value)  # type: ignore[arg-type]
-        options = {"mode": "auto", **value}
+        if not isinstance(value, Mapping):
+            return cls(mode=cls.mode_of(value))
+        options = {**value, "mode": cls.mode_of(value.get("mode", "auto"))}
         if "dir" in options:
             path = Path(options["dir"]).expanduser()
             options["dir"] = path if path.is_absolute() or base is None else base / path

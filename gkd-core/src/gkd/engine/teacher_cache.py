@@ -391,7 +391,7 @@ class TeacherCache:
                     assert compress is not None
                     parts = {feature + p: v for p, v in
                              _compress_logits(row, self.settings.top_k, compress).items()}
-                elif compress is not None and row.is_floating_point():
+                elif compress is not None and row.is_floating_point() and feature != LOGITS:  # few classes: exact
                     parts = {feature: row.to(compress)}
                 else:
                     parts = {feature: row.clone()}
