@@ -612,8 +612,12 @@ def human(size: float) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}" if seconds < 0.01 else f"{seconds * 1000:.0f}"
+
+
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:.0f} ms ({min(values) * 1000:.0f}-{max(values) * 1000:.0f})"
+    return f"{ms(statistics.median(values))} ms ({ms(min(values))}-{ms(max(values))})"
 
 
 def header(title: str) -> None:
@@ -762,7 +766,7 @@ def write_plot(results: list[tuple[str, int, dict[str, float], dict[str, float]]
     grid[0][0].set_ylabel("step time (ms)")
     grid[1][0].set_ylabel("peak RSS (GiB)")
     grid[0][0].legend()
-    fig.suptitle("one distillation step (bert-kd-hidden), one axis at a time")
+    fig.suptitle("one distillation step (bert-kd-hidden), one axis at a time", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

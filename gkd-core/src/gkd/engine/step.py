@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,27 +104,32 @@ def run_pass(models: Mapping[str, nn.Module], merged: MergedPass, batch: Mapping
             logits = out.logits
         else:
             logits, feats = _teacher_outputs(models[key], key, req, batch, cache, teacher_grad)
-        # The hard loss: one mean over all labelled tokens of the batch (or over examples), the
-        # convention evaluation uses too; the per-example means serve per-sample weighting.
-        hard = hard_each = None
-        if labels is not None and logits is not None:
-            hard, hard_each = task_loss(logits, labels), task_loss_per_example(logits, labels)
-        elif labels is not None and VOCAB_SHARD in feats:  # the gather was skipped: the same loss from shards
-            vocab = models[key].model_config.vocab_size
-            hard = vocab_parallel_task_loss(feats[VOCAB_SHARD], labels, vocab)
-            hard_each = vocab_parallel_task_loss_per_example(feats[VOCAB_SHARD], labels, vocab)
-        results[key] = ModelView(feats, logits, hard, hard_each)
+        results[key] = ModelView(feats, logits, hard_losses=_hard_losses(models[key], logits, feats, labels))
     return results
+
+
+def _hard_losses(model: nn.Module, logits: torch.Tensor | None, feats: Mapping[str, torch.Tensor],
+                 labels: torch.Tensor | None) -> Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The hard losses of one model's results, computed when a method first reads one (a teacher's
+    are seldom read; an LM's cost a log-softmax over the vocabulary each)."""
+
+    def compute() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        # One mean over all labelled tokens of the batch (or over examples), the convention
+        # evaluation uses too; the per-example means serve per-sample weighting.
+        if labels is not None and logits is not None:
+            return task_loss(logits, labels), task_loss_per_example(logits, labels)
+        if labels is not None and VOCAB_SHARD in feats:  # the gather was skipped: the same loss from shards
+            vocab = model.model_config.vocab_size  # type: ignore[union-attr]
+            return (vocab_parallel_task_loss(feats[VOCAB_SHARD], labels, vocab),
+                    vocab_parallel_task_loss_per_example(feats[VOCAB_SHARD], labels, vocab))
+        return None, None
+
+    return compute
 
 
 def _view(plan: PassPlan, results: Mapping[str, ModelView], batch: Mapping[str, torch.Tensor]) -> PassView:
     """A method's own view: only the models and features it requested."""
-    models = {}
-    for key, req in plan.models.items():
-        full = results[key]
-        models[key] = ModelView({n: full.features[n] for n in req.features}, full.logits, full.task_loss,
-                                   full.task_loss_per_example)
-    return PassView(batch=batch, models=models)
+    return PassView(batch=batch, models={key: results[key].restricted(req.features) for key, req in plan.models.items()})
 
 
 def _same_partitioned_passes(merged: MergedPass, shared: list[str], models: Mapping[str, nn.Module]) -> MergedPass:

@@ -22,7 +22,7 @@ without storing RNG state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,20 +155,60 @@ class PassPlan:
         return PassPlan(dict(by_model))
 
 
-@dataclass
 class ModelView:
-    """One model's results of one pass, restricted to what the method requested."""
+    """One model's results of one pass, restricted to what the method requested.
 
-    features: Mapping[str, torch.Tensor]
-    logits: torch.Tensor | None
-    """``None`` for a model without a task head (a pre-trained teacher used for its features), and
-    when every method planning the model in this pass requested ``logits.vocab_shard`` (the
-    all-gather was skipped; the shard is in ``features``)."""
-    task_loss: torch.Tensor | None = None
-    """Task (hard) loss of this model on the batch, when labels exist: :func:`gkd.methods.losses.task_loss`
-    (one mean over all labelled tokens of the batch; classification: over examples)."""
-    task_loss_per_example: torch.Tensor | None = None
-    """``[b]``: :func:`gkd.methods.losses.task_loss_per_example` (for per-example weighting)."""
+    Args:
+        features: The requested features by tap name.
+        logits: The model's logits (see the attribute).
+        task_loss, task_loss_per_example: The hard losses, when labels exist.
+        hard_losses: Instead of the two values: a function giving them, called the first time one
+            is read (the engine's views: a loss nobody reads is never computed).
+    """
+
+    def __init__(self, features: Mapping[str, torch.Tensor], logits: torch.Tensor | None,
+                 task_loss: torch.Tensor | None = None, task_loss_per_example: torch.Tensor | None = None, *,
+                 hard_losses: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> None:
+        self.features = features
+        self.logits = logits
+        """``None`` for a model without a task head (a pre-trained teacher used for its features), and
+        when every method planning the model in this pass requested ``logits.vocab_shard`` (the
+        all-gather was skipped; the shard is in ``features``)."""
+        self._hard: tuple[torch.Tensor | None, torch.Tensor | None] | None = (
+            (task_loss, task_loss_per_example) if hard_losses is None else None)
+        self._compute = hard_losses
+
+    def _losses(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self._hard is None:
+            assert self._compute is not None
+            self._hard, self._compute = self._compute(), None
+        return self._hard
+
+    @property
+    def task_loss(self) -> torch.Tensor | None:
+        """Task (hard) loss of this model on the batch, when labels exist: :func:`gkd.methods.losses.task_loss`
+        (one mean over all labelled tokens of the batch; classification: over examples)."""
+        return self._losses()[0]
+
+    @task_loss.setter
+    def task_loss(self, value: torch.Tensor | None) -> None:
+        self._hard = (value, self._losses()[1])
+
+    @property
+    def task_loss_per_example(self) -> torch.Tensor | None:
+        """``[b]``: :func:`gkd.methods.losses.task_loss_per_example` (for per-example weighting)."""
+        return self._losses()[1]
+
+    @task_loss_per_example.setter
+    def task_loss_per_example(self, value: torch.Tensor | None) -> None:
+        self._hard = (self._losses()[0], value)
+
+    def restricted(self, names: Iterable[str]) -> ModelView:
+        """This view with only the features ``names``; the hard losses are shared (computed once)."""
+        return ModelView({n: self.features[n] for n in names}, self.logits, hard_losses=self._losses)
+
+    def __repr__(self) -> str:
+        return f"ModelView(features={sorted(self.features)}, logits={None if self.logits is None else tuple(self.logits.shape)})"
 
 
 @dataclass
