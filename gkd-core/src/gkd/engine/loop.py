@@ -216,7 +216,7 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
                 result = distill_step(job.models, job.methods, contexts, placement.batch(next(iterator)),
                                       cache=job.cache)
                 if job.cache is not None:
-                    if iteration == start and micro == 0:
+                    if iteration == 0 and micro == 0:
                         job.cache.check_used()
                     if iterator.next_epoch != epoch:  # an epoch's entries are on disk before the next epoch
                         job.cache.flush()

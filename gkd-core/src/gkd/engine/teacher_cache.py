@@ -175,6 +175,7 @@ class TeacherCache:
         for entry in self.teachers.values():
             for line in entry.store.dropped:
                 echo(line)
+            entry.store.dropped.clear()
 
     # ------------------------------------------------------------------ construction
 
@@ -269,8 +270,8 @@ class TeacherCache:
         return reason is None
 
     def check_used(self) -> None:
-        """After a stage's first step: under ``required``, stop when no teacher request reached the
-        cache (the stage's methods run teachers some other way, e.g. Theseus runs teacher layers
+        """After a stage's first step (not on resuming it): under ``required``, stop when no teacher
+        request reached the cache (the stage's methods run teachers some other way, e.g. Theseus runs teacher layers
         inside the student's forward).
 
         Raises:
