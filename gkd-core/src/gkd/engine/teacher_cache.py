@@ -149,6 +149,8 @@ class TeacherEntry:
     """Entries per logits position (the vocabulary, or the classes of a classification head)."""
     dtype: torch.dtype
     has_logits: bool = True
+    frozen: bool = True
+    """In eval mode without a trainable parameter (checked once: a stage does not change it)."""
 
     @classmethod
     def of(cls, model: nn.Module, store: ShardStore) -> TeacherEntry:
@@ -156,7 +158,9 @@ class TeacherEntry:
         head = getattr(cfg, "head", None)
         width = getattr(cfg, "num_labels", None) if head == "classification" else getattr(cfg, "vocab_size", None)
         param = next(iter(model.parameters()), None)
-        return cls(model, store, width, param.dtype if param is not None else torch.float32, has_logits=head != "none")
+        frozen = not model.training and not any(p.requires_grad for p in model.parameters())
+        return cls(model, store, width, param.dtype if param is not None else torch.float32, has_logits=head != "none",
+                   frozen=frozen)
 
 
 class TeacherCache:
@@ -253,7 +257,7 @@ class TeacherCache:
             return f"a method backpropagates through teacher '{name}'"
         if key in self.partitioned:
             return f"teacher '{name}' is partitioned over data-parallel ranks (teachers[].partition)"
-        if entry.model.training or any(p.requires_grad for p in entry.model.parameters()):
+        if not entry.frozen:
             return f"teacher '{name}' is not frozen in eval mode"
         return None
 
