@@ -45,7 +45,7 @@ per loop the median of the round means, their min-max, and the ratio to ``hand-t
 
     python benchmarks/step_suite.py step [--config bert-kd-hidden|bert-kd|bert-tinybert-attn|llama-kd|all]
                                          [--rounds 7] [--steps 4] [--loops hand-gkd,gkd-step]
-    python benchmarks/step_suite.py memory [--config all]      # peak RSS per loop, one subprocess each
+    python benchmarks/step_suite.py memory [--config NAME|all]  # default bert-kd-hidden and bert-kd
     python benchmarks/step_suite.py scale [--rounds 3] [--axes depth,width,seq,batch] [--plot docs/img/step_scale.png]
     python benchmarks/step_suite.py capture [--rounds 7]
 
@@ -378,6 +378,8 @@ class TextBrewer(Loop):
         self.extra = {"output_hidden_states": pair.hidden, "output_attentions": pair.attention}
 
     def run(self, data: list[dict[str, torch.Tensor]]) -> list[float]:
+        if not data:  # TextBrewer's cycle() would spin forever on an empty list
+            return []
         inputs = [model_inputs(b) for b in data]
         self.stamps = [time.perf_counter()]
         self.distiller.train_with_num_steps(self.optimizer, None, True, inputs, -1.0, len(inputs), None, None,
