@@ -131,8 +131,9 @@ def workload(name: str, student: Architecture, teachers: Mapping[str, tuple[Arch
     soft = soft_teachers(methods)
     uses = tuple(ModelUse(arch, frozenset(features.get(teacher_key(t), ())), teacher_key(t) in soft and arch.head != "none",
                           dtype, t) for t, (arch, dtype) in teachers.items() if teacher_key(t) in features)
+    hard = not methods or any("hard_loss" in type(sel.method).exclusive(sel.method.config) for sel in methods.values())
     return Workload(ModelUse(student, frozenset(features[STUDENT]), True, precision, trains), uses,
-                    auxiliary_parameters(methods), precision, micro_batch, seq_len, name, trains)
+                    auxiliary_parameters(methods), precision, micro_batch, seq_len, name, trains, hard)
 
 
 # ---------------------------------------------------------------------------------- the two forms

@@ -445,11 +445,12 @@ def feature_bytes(arch: Architecture, name: str, tp: int, batch: int, seq: int, 
     return 0  # logits: counted with the model's logits
 
 
-def loss_bytes(student: ModelUse, teachers: Sequence[ModelUse], tp: int, batch: int, seq: int) -> int:
+def loss_bytes(student: ModelUse, teachers: Sequence[ModelUse], tp: int, batch: int, seq: int, *,
+               hard_loss: bool = True) -> int:
     """What the losses save for the backward pass, in fp32.
 
-    * two log-probability tensors over the student's logits for the hard loss (the step takes
-      the batch mean and the per-example means), two per soft loss (the student's
+    * two log-probability tensors over the student's logits for the hard loss when a method reads
+      it (the step takes the batch mean and the per-example means), two per soft loss (the student's
       log-probabilities and the teacher's probabilities they are weighted with);
     * per compared attention feature (scores, probabilities, or the query/key/value relations
       ``softmax(x·xᵀ)`` of MiniLM-style methods): the same two ``[b, heads, s, s]`` tensors and
@@ -459,7 +460,7 @@ def loss_bytes(student: ModelUse, teachers: Sequence[ModelUse], tp: int, batch: 
     """
     logits = ActivationModel().logits(replace(student, dtype="fp32"), tp, batch, seq)
     soft = sum(1 for t in teachers if t.logits)
-    total = logits * 2 * (1 + soft)
+    total = logits * 2 * (int(hard_loss) + soft)
     a = student.arch
     for name in student.features:
         if name.rsplit(".", 1)[-1] in ("scores", "probs", "query", "key", "value"):
@@ -507,6 +508,9 @@ class Workload:
     name: str = "stage"
     trains: str = "student"
     """What the optimizer updates: ``student``, or ``teacher 'NAME'`` (a fine-tuning stage)."""
+    hard_loss: bool = True
+    """Whether the student's hard loss is computed (plain training, or a method claiming
+    ``hard_loss``): the step computes it only when a method reads it."""
 
 
 @dataclass
@@ -653,7 +657,7 @@ def estimate(work: Workload, layout: Layout, kernel: Literal["cuda", "cpu"] = "c
     est.activations = model.student(student, tp, b, s) + model.logits(student, tp, b, s)
     for t in work.teachers:
         est.activations += model.teacher_features(t, tp, b, s) + model.logits(t, tp, b, s)  # produced even if unread
-    est.activations += loss_bytes(student, work.teachers, tp, b, s)
+    est.activations += loss_bytes(student, work.teachers, tp, b, s, hard_loss=work.hard_loss)
     return est
 
 
