@@ -77,3 +77,26 @@ def write_file(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+# 16 distinct examples of 8 to 16 tokens (4 batches of 4): the teacher-cache tests' data.
+CACHE_ROWS = [{"text": f"{t} in week {week}", "label": label} for week in range(4) for label, texts in {
+    "grain": ["wheat and corn exports fell in the last quarter", "grain harvest was large"],
+    "oil": ["crude oil prices climbed", "oil inventories dropped sharply as shipping traffic was delayed"],
+}.items() for t in texts]
+
+
+@pytest.fixture(scope="module")
+def cache_workspace(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A tiny random BERT teacher (hidden 32, 4 layers, 2 classes, MiniLM's tokenizer) and
+    ``train.jsonl`` of ``CACHE_ROWS``, for the teacher-cache tests (one per test module)."""
+    import json
+
+    from gkd.models import ModelConfig, build_model, export_hf
+
+    root = tmp_path_factory.mktemp("cache")
+    cfg = ModelConfig(family="encoder", vocab_size=30522, hidden_size=32, num_layers=4, num_attention_heads=4,
+                      ffn_hidden_size=64, max_position_embeddings=64, head="classification", num_labels=2)
+    export_hf(build_model(cfg, seed=3), root / "teacher", tokenizer_dir=minilm_dir)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CACHE_ROWS))
+    return root

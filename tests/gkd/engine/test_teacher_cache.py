@@ -4,7 +4,6 @@ compressed logits and ``gkd cache info|prune``."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from gkd.engine.cache_store import ShardStore, write_shard
 from gkd.engine.teacher_cache import CacheRequiredError, TeacherCache, _compress_logits, _expand_logits
 from gkd.engine.trainer import Trainer
 from gkd.methods.api import ForwardRequest, Method, PassPlan, teacher_key
-from gkd.models import ModelConfig, build_model, export_hf
 from gkd.plugins import load_plugin_manager
 from gkd.testing import check_cache, run_step, tiny_batch, tiny_models
 
@@ -137,21 +135,9 @@ def test_a_damaged_shard_is_detected_deleted_and_its_entries_missing(tmp_path):
 
 # ------------------------------------------------------------------------------------ whole runs
 
-ROWS = [{"text": f"{t} in week {week}", "label": label} for week in range(4) for label, texts in {
-    "grain": ["wheat and corn exports fell in the last quarter", "grain harvest was large"],
-    "oil": ["crude oil prices climbed", "oil inventories dropped sharply as shipping traffic was delayed"],
-}.items() for t in texts]  # 16 distinct examples of 8 to 16 tokens: 4 batches
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, minilm_dir) -> Path:
-    """A tiny random BERT teacher (hidden 32, 4 layers, 2 classes) and jsonl data of varied lengths."""
-    root = tmp_path_factory.mktemp("cache")
-    cfg = ModelConfig(family="encoder", vocab_size=30522, hidden_size=32, num_layers=4, num_attention_heads=4,
-                      ffn_hidden_size=64, max_position_embeddings=64, head="classification", num_labels=2)
-    export_hf(build_model(cfg, seed=3), root / "teacher", tokenizer_dir=minilm_dir)
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return root
+def workspace(cache_workspace: Path) -> Path:
+    return cache_workspace
 
 
 def write_config(root: Path, name: str, *, method: dict, epochs: float = 1, cache="off", **changes) -> Path:

@@ -17,23 +17,12 @@ from safetensors.torch import load_file
 from gkd import parallel
 from gkd.config import load_run_config
 from gkd.engine.trainer import Trainer
-from gkd.models import ModelConfig, build_model, export_hf
 from gkd.plugins import load_plugin_manager
-
-ROWS = [{"text": f"{t} in week {week}", "label": label} for week in range(4) for label, texts in {
-    "grain": ["wheat and corn exports fell in the last quarter", "grain harvest was large"],
-    "oil": ["crude oil prices climbed", "oil inventories dropped sharply as shipping traffic was delayed"],
-}.items() for t in texts]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, minilm_dir) -> Path:
-    root = tmp_path_factory.mktemp("cache-parallel")
-    cfg = ModelConfig(family="encoder", vocab_size=30522, hidden_size=32, num_layers=4, num_attention_heads=4,
-                      ffn_hidden_size=64, max_position_embeddings=64, head="classification", num_labels=2)
-    export_hf(build_model(cfg, seed=3), root / "teacher", tokenizer_dir=minilm_dir)
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return root
+def workspace(cache_workspace: Path) -> Path:
+    return cache_workspace
 
 
 def write_config(root: Path, name: str, *, tp: int, dp: int, cache: Any) -> Path:
