@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from scratch import scratch_dir
 from torch import nn
 
 from gkd.engine import checkpoint as ckpt
@@ -52,7 +52,7 @@ def main() -> None:
     model(torch.randn(2, 1024)).sum().backward()
     optimizer.step()
     params = sum(p.numel() for p in model.parameters())
-    root = Path(tempfile.mkdtemp(prefix="gkd-hash-", dir=args.workdir))
+    root = scratch_dir("gkd-hash-", args.workdir)
     hashing = ckpt._sha256_files
     step = 0
 

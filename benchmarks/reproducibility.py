@@ -24,11 +24,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from safetensors.torch import load_file
+from scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "reuters-minilm" / "config.yaml"
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="gkd-repro-", dir=args.workdir))
+    workdir = scratch_dir("gkd-repro-", args.workdir)
     settings = [(t, k) for k in KERNELS for t in args.threads]
     results = [run(workdir, f"{k}-{t}t", t, k, args) for t, k in settings]
     repeat = run(workdir, "repeat", *settings[0], args)

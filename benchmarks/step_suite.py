@@ -73,7 +73,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -82,6 +81,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scratch import scratch_dir
 from torch import nn
 
 from gkd.engine.step import SelectedMethod, distill_step, step_context
@@ -341,7 +341,7 @@ class TextBrewer(Loop):
              "proj": ["linear", pair.student[1], pair.teacher[1]]} for i, j in pair.hidden_map()]
         matches += [{"layer_T": j, "layer_S": i, "feature": "attention", "loss": "attention_mse", "weight": 1}
                     for i, j in pair.attention_map()]
-        self.output_dir = tempfile.mkdtemp(prefix="gkd-step-textbrewer-")
+        self.output_dir = str(scratch_dir("gkd-step-textbrewer-"))
         train_config = TrainingConfig(device="cpu", log_dir=None, output_dir=self.output_dir, ckpt_steps=10**9)
         distill_config = DistillationConfig(temperature=pair.temperature, kd_loss_type="ce", kd_loss_weight=1,
                                             hard_label_weight=0, intermediate_matches=matches)
@@ -651,7 +651,7 @@ def step_part(pair: Pair, loops: list[str], rounds: int, steps: int) -> None:
     workdir: Path | None = None
     for name in loops:
         if name == "gkd-trainer":
-            workdir = Path(tempfile.mkdtemp(prefix="gkd-step-trainer-"))
+            workdir = scratch_dir("gkd-step-trainer-")
             prepare_trainer(pair, workdir, steps)
             runners[name] = lambda r, w=workdir: run_child("gkd-trainer", pair, steps, w)["times"]
         else:
@@ -679,7 +679,7 @@ def memory_part(pair: Pair, loops: list[str], steps: int) -> None:
     for name in loops:
         workdir = None
         if name == "gkd-trainer":
-            workdir = Path(tempfile.mkdtemp(prefix="gkd-step-trainer-"))
+            workdir = scratch_dir("gkd-step-trainer-")
             prepare_trainer(pair, workdir, steps)
         rows.append((name, run_child(name, pair, steps, workdir)))
     base = next((r["maxrss_kib"] for n, r in rows if n == "hand-transformers"), None)

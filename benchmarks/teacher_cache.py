@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scratch import scratch_dir
 
 from gkd.config.run import CacheConfig
 from gkd.engine.step import SelectedMethod, distill_step, step_context
@@ -109,7 +110,7 @@ def step_part(rounds: int) -> None:
     params = [*student.parameters(), *(p for m in methods.values() for p in m.parameters())]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     data = batches(8, 30522, torch.Generator().manual_seed(0))
-    root = Path(tempfile.mkdtemp(prefix="gkd-cache-bench-"))
+    root = scratch_dir("gkd-cache-bench-")
     caches = {mode: TeacherCache.for_models(CacheConfig("auto", mode), root / mode, models)  # type: ignore[arg-type]
               for mode in ("exact", "compressed")}
     selected = {n: SelectedMethod(m, 1.0, m.initial_state()) for n, m in methods.items()}
@@ -158,7 +159,7 @@ def kinds_part() -> None:
     taps = {"embeddings", "layers.5.output", "layers.5.attention.query", "layers.5.attention.key",
             "layers.5.attention.value", "layers.5.attention.scores", "layers.5.attention.probs",
             "layers.5.attention.context", "layers.5.ffn.intermediate", "pooled"}
-    root = Path(tempfile.mkdtemp(prefix="gkd-cache-kinds-"))
+    root = scratch_dir("gkd-cache-kinds-")
     rows: dict[str, dict[str, float]] = {}
     for mode in ("exact", "compressed"):
         cache = TeacherCache.for_models(CacheConfig("auto", mode), root / mode, models)  # type: ignore[arg-type]
@@ -185,7 +186,7 @@ def lm_part() -> None:
     kd = build_method("kd", {"temperature": 2.0}, models=models, task="causal_lm", seed=0)
     data = batches(2, 49152, torch.Generator().manual_seed(0), labels="lm")
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
-    root = Path(tempfile.mkdtemp(prefix="gkd-cache-lm-"))
+    root = scratch_dir("gkd-cache-lm-")
     print("| causal-LM logits, vocabulary 49,152 | bytes per token | KD loss (T=2) served, vs computed |")
     print("|---|---|---|")
     sel = {"kd": SelectedMethod(kd, 1.0, kd.initial_state())}
@@ -285,7 +286,7 @@ def main_part(kd_epochs: float, workdir: Path | None) -> None:
         def on_stage_end(self, stage: Any, evaluation: Any) -> None:
             self.stage_times[stage.name] = time.perf_counter() - self._stage_start
 
-    root = Path(tempfile.mkdtemp(prefix="gkd-cache-main-", dir=workdir))
+    root = scratch_dir("gkd-cache-main-", workdir)
     config = Path(__file__).resolve().parent.parent / "examples" / "reuters-minilm" / "config.yaml"
     common = [f"run_dir={root / 'run'}", "checkpoint.resume=false", f"stages[2].epochs={kd_epochs}",
               "analysis.every=0", "export.enabled=false", "export.onnx=none", "logging.plot=false"]
