@@ -81,6 +81,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from live_tensors import LiveTensorBytes
 from scratch import scratch_dir
 from torch import nn
 
@@ -589,14 +590,14 @@ def run_part(loop_name: str, pair: Pair, steps: int, workdir: Path | None) -> di
         assert workdir is not None
         return trainer_child(pair, workdir, steps)
     loop = IN_PROCESS[loop_name](pair)
-    data = batches(pair, WARMUP + steps)
+    data = batches(pair, WARMUP + steps + 1)
     log = CaptureLog()
     loop.run(data[:WARMUP])
     with log.installed():
         loop.record = True
         times = loop.run(data[WARMUP:WARMUP + 1])
         loop.record = False
-    times += loop.run(data[WARMUP + 1:])
+    times += loop.run(data[WARMUP + 1:-1])
     feature_bytes: dict[str, int] = defaultdict(int)
     if loop_name in ("hand-gkd", "gkd-step"):  # by tap kind: "layers.3.output" counts as "output"
         count = 0
@@ -607,7 +608,11 @@ def run_part(loop_name: str, pair: Pair, steps: int, workdir: Path | None) -> di
                 count += kind not in OUTPUT_TAPS
     else:
         feature_bytes, count = loop.feature_bytes, loop.feature_count
-    return {"times": times, "maxrss_kib": peak_rss_kib(), "feature_bytes": feature_bytes, "feature_count": count}
+    maxrss = peak_rss_kib()
+    with LiveTensorBytes() as live:  # after the RSS reading: the mode's bookkeeping is not the loop's memory
+        loop.run(data[-1:])
+    return {"times": times, "maxrss_kib": maxrss, "feature_bytes": feature_bytes, "feature_count": count,
+            "tensor_peak": live.peak}
 
 
 def human(size: float) -> str:
@@ -674,32 +679,40 @@ def step_part(pair: Pair, loops: list[str], rounds: int, steps: int) -> None:
         print(f"| {name} | {spread(means[name])} | {ratio} |", flush=True)
 
 
-def memory_part(pair: Pair, loops: list[str], steps: int) -> None:
-    rows = []
-    for name in loops:
-        workdir = None
-        if name == "gkd-trainer":
-            workdir = scratch_dir("gkd-step-trainer-")
-            prepare_trainer(pair, workdir, steps)
-        rows.append((name, run_child(name, pair, steps, workdir)))
-    base = next((r["maxrss_kib"] for n, r in rows if n == "hand-transformers"), None)
+def memory_part(pair: Pair, loops: list[str], steps: int, repeats: int) -> None:
+    workdirs = {}
+    if "gkd-trainer" in loops:
+        workdirs["gkd-trainer"] = scratch_dir("gkd-step-trainer-")
+        prepare_trainer(pair, workdirs["gkd-trainer"], steps)
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in range(repeats):  # alternating, the first loop rotating: the machine's drift falls on every loop
+        for name in loops[r % len(loops):] + loops[:r % len(loops)]:
+            runs[name].append(run_child(name, pair, steps, workdirs.get(name)))
+    rss = {name: statistics.median(x["maxrss_kib"] for x in runs[name]) for name in loops}
+    base = rss.get("hand-transformers")
+    tensor_base = runs["hand-transformers"][0]["tensor_peak"] if "hand-transformers" in runs else None
     header(f"memory: {pair.name}")
-    print(f"peak RSS (VmHWM) of a subprocess running {WARMUP} + {steps} steps; features kept: the tensors a step "
-          f"holds from output_hidden_states/output_attentions (transformers) or capture (gkd)\n")
-    print("| loop | peak RSS | vs hand-transformers | intermediate features kept per step | bytes kept | "
-          "bytes per feature | by kind |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        kinds = {k: v for k, v in r["feature_bytes"].items() if k.split(" ", 1)[-1] not in OUTPUT_TAPS}
-        kept, count = sum(kinds.values()), r["feature_count"]
-        per = human(kept / count) if count else "-"
-        ratio = f"{r['maxrss_kib'] / base:.3f}" if base else "-"
+    print(f"peak RSS (VmHWM) of a subprocess running {WARMUP} + {steps} steps, median (min-max) of {repeats} "
+          f"subprocesses per loop, alternating; tensor peak: the most bytes of tensors alive at once during one more "
+          f"step (`benchmarks/live_tensors.py`: what the loop allocates, without malloc's slack); features kept: the "
+          f"tensors a step holds from output_hidden_states/output_attentions (transformers) or capture (gkd)\n")
+    print("| loop | peak RSS | vs hand-transformers | tensor peak per step | vs hand-transformers | "
+          "intermediate features kept per step | bytes kept | by kind |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in loops:
+        r = runs[name][0]
+        values = [x["maxrss_kib"] / 2**20 for x in runs[name]]
+        peak = f"{rss[name] / 2**20:.2f} GiB ({min(values):.2f}-{max(values):.2f})"
+        ratio = f"{rss[name] / base:.3f}" if base else "-"
         if name == "gkd-trainer":
-            features = size = by_kind = "-"
+            tensors = tensor_ratio = features = size = by_kind = "-"
         else:
-            features, size = str(count), f"{kept:,} B ({human(kept)})"
+            kinds = {k: v for k, v in r["feature_bytes"].items() if k.split(" ", 1)[-1] not in OUTPUT_TAPS}
+            tensors = human(r["tensor_peak"])
+            tensor_ratio = f"{r['tensor_peak'] / tensor_base:.3f}" if tensor_base else "-"
+            features, size = str(r["feature_count"]), f"{sum(kinds.values()):,} B ({human(sum(kinds.values()))})"
             by_kind = ", ".join(f"{k} {human(v)}" for k, v in sorted(r["feature_bytes"].items()) if v) or "none"
-        print(f"| {name} | {r['maxrss_kib'] / 2**20:.2f} GiB | {ratio} | {features} | {size} | {per} | {by_kind} |",
+        print(f"| {name} | {peak} | {ratio} | {tensors} | {tensor_ratio} | {features} | {size} | {by_kind} |",
               flush=True)
 
 
@@ -837,6 +850,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 4)")
     parser.add_argument("--axes", default="depth,width,seq,batch", help="scale: teacher depth/width, sequence, batch")
     parser.add_argument("--plot", type=Path, default=Path("docs/img/step_scale.png"))
+    parser.add_argument("--repeats", type=int, default=5, help="memory: subprocesses per loop (median)")
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 rounds of 2 steps: a smoke test")
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -861,7 +875,7 @@ def main() -> None:
             step_part(pair_of(name, args.quick), loops, rounds, steps)
     elif args.part == "memory":
         for name in names:
-            memory_part(pair_of(name, args.quick), loops, steps)
+            memory_part(pair_of(name, args.quick), loops, steps, args.repeats)
     elif args.part == "scale":
         scale_part(args.quick, rounds, steps, args.plot, args.axes.split(","))
     else:

@@ -572,7 +572,9 @@ def test_example(block: Block, directories: dict[tuple[Path, str], tuple[Path, d
         root, extra = directories[(block.doc, d.after)]
     else:
         extra = {}
-        root = tmp_path / "work"
+        # A block that later blocks continue works outside its own tmp_path: pytest removes a passed
+        # test's tmp_path when it ends (tmp_path_retention_policy = "failed").
+        root = request.getfixturevalue("tmp_path_factory").mktemp("chain") / "work" if d.id else tmp_path / "work"
         root.mkdir()
         (root / "tmp").mkdir()
         for name in LINKED:
