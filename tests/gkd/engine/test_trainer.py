@@ -17,6 +17,7 @@ from gkd.cli import cli
 from gkd.config import load_run_config
 from gkd.config.errors import ConfigError
 from gkd.engine.checkpoint import find_latest
+from gkd.engine.report import format_timings
 from gkd.engine.trainer import Trainer, TrainingInterrupted
 from gkd.models import ModelConfig, build_model, export_hf
 from gkd.plugins import load_plugin_manager
@@ -100,6 +101,19 @@ def test_full_run_logs_every_term_and_exports(workspace, registry):
     assert "classifier.weight" in exported and (run_dir / "export" / "tokenizer.json").is_file()
     state = json.loads((find_latest(run_dir) / "state.json").read_text())
     assert state["method_states"]["kd"] == {} and state["global_step"] == 6
+    # Where the time went: per stage its steps, examples (3 steps of 4) and what was not training.
+    timings = summary["timings"]
+    assert [t["stage"] for t in timings["stages"]] == ["tinybert", "kd"]
+    for t in timings["stages"]:
+        assert (t["steps"], t["examples"]) == (3, 12)
+        outside = sum(v for k, v in t.items() if k.endswith("_seconds") and k != "training_seconds")
+        assert t["training_seconds"] == pytest.approx(t["seconds"] - outside, abs=0.02)
+        assert t["examples_per_s"] == pytest.approx(12 / t["training_seconds"], rel=0.1)  # seconds rounded to 0.01
+        assert t["checkpoints_seconds"] > 0 and t["evaluation_seconds"] < 0.05 and t["setup_seconds"] > 0  # no eval split
+    assert timings["startup_seconds"] > 0 and timings["finish_seconds"] > 0
+    line = format_timings(summary)
+    assert line.startswith("time: start-up ") and "tinybert " in line and "(3 steps in " in line
+    assert line.endswith("s (test evaluation, export)")
 
 
 def test_resume_is_bitwise_identical(workspace, registry):

@@ -23,6 +23,7 @@ EXIT_DIVERGED = 1
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
 def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, progress: bool | None) -> None:
     """Distil as described by CONFIG (YAML or JSON), resuming from the latest checkpoint."""
+    from gkd.engine.report import format_timings
     from gkd.engine.step import NonFiniteError
     from gkd.engine.trainer import Trainer, TrainingInterrupted, format_table
     from gkd.plugins.manager import get_plugin_manager
@@ -70,6 +71,7 @@ def distill(config: str, overrides: tuple[str, ...], stop_after: int | None, pro
     echo(format_table(summary))
     exported = summary["export"] or "none (export.enabled: false)"
     echo(f"run directory: {summary['run_dir']} ({summary['seconds']} s); exported student: {exported}")
+    echo(format_timings(summary))
 
 
 def _silent(line: str) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,12 +57,43 @@ class TrainingInterrupted(Exception):
 
 
 @dataclass
+class StageTime:
+    """Wall time of one stage trained in this process, and what of it was not training steps."""
+
+    stage: str
+    seconds: float = 0.0
+    steps: int = 0
+    examples: int = 0
+    """Training examples the steps consumed, over all data-parallel ranks."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """Seconds outside the steps: ``setup`` (engine, resume), ``evaluation``, ``checkpoints``, ``analysis``."""
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``timings.stages`` entry of ``summary.json``."""
+        training = self.seconds - sum(self.parts.values())
+        return {"stage": self.stage, "seconds": round(self.seconds, 2), "steps": self.steps,
+                "examples": self.examples, "training_seconds": round(training, 2),
+                "examples_per_s": round(self.examples / training, 1) if training > 0 else None,
+                **{f"{k}_seconds": round(v, 2) for k, v in self.parts.items()}}
+
+
+@dataclass
 class RunProgress:
     """Where the run is; the loop advances it, checkpoints record it."""
 
     global_step: int = 0
     skipped_steps: int = 0
     """Steps whose update ``training.nonfinite: skip`` dropped (recorded in checkpoints)."""
+    times: list[StageTime] = field(default_factory=list)
+    """The stages this process trained, in order (not checkpointed: a resumed run times what it runs)."""
 
 
 class Trainable(nn.Module):
@@ -171,6 +204,9 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
         TrainingInterrupted: ``stop_after`` was reached (after a checkpoint).
     """
     stage, training = job.stage, job.stage.training
+    clock = StageTime(stage.name)
+    progress.times.append(clock)
+    started = time.perf_counter()
     if training.precision != "fp32" and placement.device.type != "cuda":
         raise GkdError(f"stages[{job.index}].training.precision: '{training.precision}' needs CUDA; use fp32 on CPU")
     iterator = BatchIterator(job.train_data, training.batch_size, seed=run.seed, rank=parallel.dp_rank(),
@@ -196,8 +232,10 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
     if io.stop_after is not None and progress.global_step >= io.stop_after and start < total:
         # Resumed at or past the step to stop after: train nothing (not one step more).
         raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
+    clock.parts["setup"] = time.perf_counter() - started
     if job.analysis is not None and start == 0:
-        job.analysis.record(step=0, global_step=progress.global_step, at="start")
+        with clock.part("analysis"):
+            job.analysis.record(step=0, global_step=progress.global_step, at="start")
     job.model.train()
     last = total  # the stage's last step (earlier when early stopping ends it)
     io.callbacks.stage_start(stage)
@@ -239,6 +277,8 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
             sums = mean_over_dp(sums | {_LOSS: loss_value})
             loss_value = sums.pop(_LOSS)
             progress.global_step += 1
+            clock.steps += 1
+            clock.examples += training.batch_size * training.grad_accum * parallel.dp_world_size()
             step = iteration + 1
             lr = float(optimizer.param_groups[0]["lr"])
             checked = {"loss": loss_value, **sums}
@@ -272,22 +312,25 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
             shown.update(step, loss_value, lr)
             done = step == total
             if job.analysis is not None and job.analysis.due(progress.global_step, done):
-                job.analysis.record(step=step, global_step=progress.global_step, at="end" if done else "step",
-                                    loss=loss_value, terms=sums)
+                with clock.part("analysis"):
+                    job.analysis.record(step=step, global_step=progress.global_step, at="end" if done else "step",
+                                        loss=loss_value, terms=sums)
             if training.eval_every_steps and step % training.eval_every_steps == 0 and not done:
-                evaluation = _evaluate(run, job, step, progress, placement, io)
+                with clock.part("evaluation"):
+                    evaluation = _evaluate(run, job, step, progress, placement, io)
                 if watch is not None and evaluation is not None and watch.update(evaluation):
                     done, last = True, step  # the stage ends here: checkpointed as finished
                     io.echo(f"[{stage.name}] early stopping at step {step}/{total}: {watch.describe()}")
             stop = io.stop_after is not None and progress.global_step >= io.stop_after
             if job.checkpointer is not None and (done or stop or job.checkpointer.due(progress.global_step)):
-                if job.cache is not None:
-                    job.cache.flush()
-                saved = job.checkpointer.save(job.index, step, progress.global_step, model=job.model,
-                                              auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
-                                              iterator=iterator, methods=job.methods,
-                                              skipped_steps=progress.skipped_steps,
-                                              early_stopping=watch.state() if watch is not None else None)
+                with clock.part("checkpoints"):
+                    if job.cache is not None:
+                        job.cache.flush()
+                    saved = job.checkpointer.save(job.index, step, progress.global_step, model=job.model,
+                                                  auxiliary=auxiliary, optimizer=optimizer, scheduler=scheduler,
+                                                  iterator=iterator, methods=job.methods,
+                                                  skipped_steps=progress.skipped_steps,
+                                                  early_stopping=watch.state() if watch is not None else None)
                 io.callbacks.checkpoint(saved, progress.global_step)
             if stop and not done:
                 raise TrainingInterrupted(f"stopped after global step {progress.global_step} (--stop-after)")
@@ -300,7 +343,9 @@ def train_stage(run: RunConfig, job: StageJob, progress: RunProgress, placement:
     if job.cache is not None and parallel.is_global_rank_zero():
         io.echo(f"[{stage.name}] {job.cache.stats.describe()}")
     del engine
-    evaluation = _evaluate(run, job, last, progress, placement, io)
+    with clock.part("evaluation"):
+        evaluation = _evaluate(run, job, last, progress, placement, io)
+    clock.seconds = time.perf_counter() - started
     io.callbacks.stage_end(stage, evaluation)
     return evaluation
 
@@ -318,5 +363,5 @@ def _evaluate(run: RunConfig, job: StageJob, step: int, progress: RunProgress, p
     return ev
 
 
-__all__ = ["Checkpointer", "LoopIO", "RunProgress", "StageJob", "Trainable", "TrainingInterrupted", "stage_steps",
+__all__ = ["Checkpointer", "LoopIO", "RunProgress", "StageJob", "StageTime", "Trainable", "TrainingInterrupted", "stage_steps",
            "train_stage"]

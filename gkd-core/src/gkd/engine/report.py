@@ -4,9 +4,10 @@ student, plot the losses, write ``summary.json`` and format the table ``gkd dist
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gkd import parallel
 from gkd.engine.assets import RunAssets
@@ -15,6 +16,9 @@ from gkd.engine.evaluate import evaluate
 from gkd.engine.metrics import MetricsLogger, plot_losses
 from gkd.errors import GkdError
 from gkd.models import GkdModel, count_parameters, export_hf
+
+if TYPE_CHECKING:
+    from gkd.engine.loop import StageTime
 
 
 def _majority(data: TaskDataset) -> float:
@@ -59,8 +63,14 @@ def export_student(assets: RunAssets, student: GkdModel) -> Path:
 
 
 def finish_run(assets: RunAssets, student: GkdModel | None, *, global_step: int, seconds: float,
-               metrics: MetricsLogger | None) -> dict[str, Any]:
-    """Evaluate, export, plot and summarise; returns the summary (also ``summary.json``)."""
+               metrics: MetricsLogger | None, startup_seconds: float = 0.0,
+               stages: Sequence[StageTime] = ()) -> dict[str, Any]:
+    """Evaluate, export, plot and summarise; returns the summary (also ``summary.json``).
+
+    ``seconds`` runs from the first stage to now; ``startup_seconds`` is what came before it (data,
+    resume point), ``stages`` the stages this process trained.
+    """
+    began = time.perf_counter()
     run = assets.run
     if student is None and not all(s.trains_teacher for s in run.stages):
         raise GkdError("internal: the run ended without a student")
@@ -81,7 +91,9 @@ def finish_run(assets: RunAssets, student: GkdModel | None, *, global_step: int,
     summary |= {"name": run.name, "run_dir": str(run.run_dir), "global_step": global_step,
                 "seconds": round(seconds, 1), "models": rows,
                 "export": str(export_dir) if export_dir else None, "plot": str(plot) if plot else None,
-                "teachers": {k: str(v) for k, v in assets.teacher_paths.items()}}
+                "teachers": {k: str(v) for k, v in assets.teacher_paths.items()},
+                "timings": {"startup_seconds": round(startup_seconds, 2), "stages": [t.as_dict() for t in stages],
+                            "finish_seconds": round(time.perf_counter() - began, 2)}}
     if metrics is not None:
         metrics.write_summary(summary)
     return summary
@@ -106,4 +118,20 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return text
 
 
-__all__ = ["export_student", "finish_run", "format_table", "model_rows"]
+def format_timings(summary: Mapping[str, Any]) -> str:
+    """One line: where the run's wall time went (start-up, each stage trained here, the finish)."""
+    timings = summary.get("timings")
+    if not timings:
+        return ""
+    parts = [f"start-up {timings['startup_seconds']:.1f} s"]
+    for t in timings["stages"]:
+        rate = f", {t['examples_per_s']:.1f} examples/s" if t.get("examples_per_s") else ""
+        rest = [f"{k.removesuffix('_seconds')} {t[k]:.1f} s" for k in
+                ("setup_seconds", "evaluation_seconds", "checkpoints_seconds", "analysis_seconds") if t.get(k)]
+        parts.append(f"{t['stage']} {t['seconds']:.1f} s ({t['steps']} steps in {t['training_seconds']:.1f} s{rate}"
+                     + (f"; {', '.join(rest)}" if rest else "") + ")")
+    parts.append(f"finish {timings['finish_seconds']:.1f} s (test evaluation, export)")
+    return "time: " + ", ".join(parts)
+
+
+__all__ = ["export_student", "finish_run", "format_table", "format_timings", "model_rows"]

@@ -135,6 +135,7 @@ class Trainer:
                     self._metrics.close()
 
     def _execute(self) -> dict[str, Any]:
+        began = time.perf_counter()
         run = self.run
         seed_everything(run.seed)
         assets = RunAssets(run, Placement.for_this_process())
@@ -193,7 +194,7 @@ class Trainer:
         if student is not None:
             ensure_finite(student, "the exported student")
         return finish_run(assets, student, global_step=progress.global_step, seconds=time.perf_counter() - started,
-                          metrics=metrics)
+                          metrics=metrics, startup_seconds=started - began, stages=progress.times)
 
     @staticmethod
     def _wandb_sink(run: RunConfig) -> list[Callable[[Path], MetricSink]]:

@@ -113,7 +113,30 @@ def initialize_engine(module: nn.Module, optimizer_cfg: OptimizerConfig, schedul
     )
     if ds_config["zero_optimization"].get("stage") == 3:
         _register_external_parameters(module)
+    if (ds_optimizer is optimizer and not ds_config["zero_optimization"].get("stage")
+            and not ds_config["bf16"]["enabled"] and not ds_config["fp16"]["enabled"]
+            and engine.dp_world_size == 1):
+        _skip_single_rank_reduction(engine, module)
     return engine, ds_optimizer, ds_scheduler
+
+
+def _skip_single_rank_reduction(engine: Any, module: nn.Module) -> None:
+    """Replace DeepSpeed's gradient reduction with what it amounts to on one data-parallel rank.
+
+    Without ZeRO, DeepSpeed's backward flattens every gradient into a bucket, all-reduces it over
+    the data-parallel group and copies it back, also when that group is this one process: three
+    passes over the gradients per step for nothing (~3 % of a TinyBERT-sized step on a CPU). What
+    remains of it is that a trainable parameter without a gradient (it took no part in the step)
+    gets a zero one, so AdamW still decays and moves it, as on several ranks.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad and p.numel()]
+
+    def reduce_gradients(bucket_size: int = 0) -> None:
+        for param in trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    engine.allreduce_gradients = reduce_gradients
 
 
 def _register_external_parameters(module: nn.Module) -> None:
