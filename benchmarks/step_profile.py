@@ -8,9 +8,10 @@ backward), the rest (Python: the engine, autograd's bookkeeping, the optimizer's
 operators whose time differs most between the two loops.
 
 ``trainer`` (cProfile): ``gkd distill`` on the ``gkd-trainer`` run config in a subprocess, and
-``gkd-step`` with a plain AdamW in another; per step, the cumulative time in the step
-(``distill_step``), autograd's backward, DeepSpeed's backward around it, the optimizer step,
-DeepSpeed's step around it, the data iterator, and the rest of the training loop.
+``gkd-step`` with a plain AdamW in another, and ``gkd distill`` once more with DeepSpeed's own
+gradient reduction on one data-parallel rank (which gkd replaces, see ``gkd.parallel.zero``); per
+step, the cumulative time in the step (``distill_step``), autograd's backward, DeepSpeed's backward
+around it, the optimizer step, DeepSpeed's step around it, the data iterator and the metrics line.
 
     python benchmarks/step_profile.py ops --config bert-kd-hidden --rounds 3 --steps 4
     python benchmarks/step_profile.py trainer --config bert-kd-hidden --steps 12
@@ -94,8 +95,12 @@ def _cumulative(stats: pstats.Stats, suffix: str, function: str) -> float:
                if name == function and path.replace("\\", "/").endswith(suffix))
 
 
-def trainer_child(pair: suite.Pair, workdir: Path, steps: int) -> dict[str, Any]:
+def trainer_child(pair: suite.Pair, workdir: Path, steps: int, stock_reduction: bool) -> dict[str, Any]:
     import gkd
+    import gkd.parallel.zero
+
+    if stock_reduction:  # DeepSpeed's own gradient reduction, also on one data-parallel rank
+        gkd.parallel.zero._skip_single_rank_reduction = lambda engine, module: None  # type: ignore[assignment]
 
     class Clock(gkd.Callback):
         def __init__(self) -> None:
@@ -146,8 +151,10 @@ def trainer_part(pair: suite.Pair, steps: int) -> None:
     workdir = scratch_dir("gkd-step-profile-")
     suite.prepare_trainer(pair, workdir, steps - suite.WARMUP)
     common = ["--pair", suite.pair_json(pair), "--steps", str(steps)]
+    trainer = ["_trainer", *common, "--workdir", str(workdir)]
     rows = {"gkd-step + torch AdamW": child(["_step", *common]),
-            "gkd distill (DeepSpeed engine)": child(["_trainer", *common, "--workdir", str(workdir)])}
+            "gkd distill (DeepSpeed engine)": child(trainer),
+            "gkd distill, DeepSpeed's own reduction on 1 rank": child([*trainer, "--stock-reduction"])}
     suite.header(f"trainer: {pair.name}")
     print(f"cProfile, cumulative time per step over {steps} steps (warm-up included), each loop in its own "
           f"subprocess; cProfile's own cost inflates Python-heavy parts\n")
@@ -167,6 +174,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test")
     parser.add_argument("--pair", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stock-reduction", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     pair = suite.pair_from_json(args.pair) if args.pair else suite.pair_of(args.config, args.quick)
     torch.manual_seed(0)
@@ -175,7 +183,7 @@ def main() -> None:
     elif args.part == "trainer":
         trainer_part(pair, args.steps or 12)
     elif args.part == "_trainer":
-        print(RESULT + json.dumps(trainer_child(pair, args.workdir, args.steps)), flush=True)
+        print(RESULT + json.dumps(trainer_child(pair, args.workdir, args.steps, args.stock_reduction)), flush=True)
     else:
         print(RESULT + json.dumps(step_child(pair, args.steps)), flush=True)
 

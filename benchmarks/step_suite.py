@@ -41,16 +41,21 @@ loss, backward, AdamW step; no gradient clipping, no dropout):
 Each implementation initialises its own random weights with the same shapes (the losses and
 their cost do not depend on the values). In ``step`` every loop runs 2 warm-up steps, then the
 loops alternate for ``--rounds`` rounds of ``--steps`` steps, the first loop rotating each round;
-per loop the median of the round means, their min-max, and the ratio to ``hand-transformers``.
+per loop the median of the round means, their min-max, the ratio of the medians to the reference
+(``hand-transformers``, else the first loop of ``--loops``), and the median (min-max) of the
+per-round ratios, each round's mean over the reference's mean of the same round.
 
     python benchmarks/step_suite.py step [--config bert-kd-hidden|bert-kd|bert-tinybert-attn|llama-kd|all]
                                          [--rounds 7] [--steps 4] [--loops hand-gkd,gkd-step]
-    python benchmarks/step_suite.py memory [--config NAME|all]  # default bert-kd-hidden and bert-kd
+    python benchmarks/step_suite.py memory [--config NAME|all] [--repeats 5]  # default bert-kd-hidden and bert-kd
     python benchmarks/step_suite.py scale [--rounds 3] [--axes depth,width,seq,batch] [--plot docs/img/step_scale.png]
     python benchmarks/step_suite.py capture [--rounds 7]
 
 ``memory``: peak RSS (``VmHWM``, see :func:`peak_rss_kib`) of each loop in its own subprocess (2 warm-up + ``--steps``
-steps), and the features each loop keeps per step: the tensors ``output_hidden_states`` /
+steps; the median of ``--repeats`` subprocesses per loop, alternating: malloc moves a CPU process's
+peak by ±100 MB between identical runs), the tensor peak of one more step (the most bytes of tensors
+alive at once, ``live_tensors.py``: what the loop allocates, without malloc's slack), and the
+features each loop keeps per step: the tensors ``output_hidden_states`` /
 ``output_attentions`` return for ``transformers``, the values gkd's capture sessions hold (a
 KD-only gkd step requests none). ``scale``: ``gkd-step`` vs ``hand-transformers`` on
 ``bert-kd-hidden`` as teacher depth (6/12/24), width (384/768/1024; 64-wide heads, FFN 4x), sequence
@@ -633,7 +638,7 @@ def header(title: str) -> None:
     print(f"\n### {title}\n")
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu}, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}")
-    print(f"command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`\n")
+    print(f"command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`\n")
 
 
 def alternate(runners: dict[str, Callable[[int], list[float]]], rounds: int) -> dict[str, list[float]]:
@@ -664,7 +669,7 @@ def step_part(pair: Pair, loops: list[str], rounds: int, steps: int) -> None:
             loop.run(data[:WARMUP])
             runners[name] = lambda r, loop=loop: loop.run(data[WARMUP:])
     means = alternate(runners, rounds)
-    base = statistics.median(means["hand-transformers"]) if "hand-transformers" in means else None
+    reference = "hand-transformers" if "hand-transformers" in means else loops[0]
     header(f"step: {pair.name}")
     t, s = pair.teacher, pair.student
     terms = "soft CE T=8" + (f" + {len(pair.hidden_map())} projected hidden MSE" if pair.hidden else "") + (
@@ -672,11 +677,14 @@ def step_part(pair: Pair, loops: list[str], rounds: int, steps: int) -> None:
     print(f"{pair.family} teacher {t[0]}L/{t[1]}H/{t[2]} heads ({t[3]} kv)/FFN {t[4]} -> student {s[0]}L/{s[1]}H/"
           f"{s[2]} heads ({s[3]} kv)/FFN {s[4]}, vocab {pair.vocab}, {terms}, batch {pair.batch}x{pair.seq}, AdamW; "
           f"{rounds} alternating rounds of {steps} steps after {WARMUP} warm-up steps\n")
-    print("| loop | step time (median of round means, min-max) | vs hand-transformers |")
-    print("|---|---|---|")
+    # Per-round ratios pair each loop with the reference timed next to it: the machine's drift cancels.
+    print(f"| loop | step time (median of round means, min-max) | vs {reference} | per-round ratio (median, min-max) |")
+    print("|---|---|---|---|")
     for name in loops:
-        ratio = f"{statistics.median(means[name]) / base:.2f}" if base else "-"
-        print(f"| {name} | {spread(means[name])} | {ratio} |", flush=True)
+        ratio = statistics.median(means[name]) / statistics.median(means[reference])
+        paired = [a / b for a, b in zip(means[name], means[reference], strict=True)]
+        print(f"| {name} | {spread(means[name])} | {ratio:.2f} | {statistics.median(paired):.3f} "
+              f"({min(paired):.2f}-{max(paired):.2f}) |", flush=True)
 
 
 def memory_part(pair: Pair, loops: list[str], steps: int, repeats: int) -> None:
