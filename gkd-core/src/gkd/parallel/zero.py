@@ -129,11 +129,9 @@ def _skip_single_rank_reduction(engine: Any, module: nn.Module) -> None:
     remains of it is that a trainable parameter without a gradient (it took no part in the step)
     gets a zero one, so AdamW still decays and moves it, as on several ranks.
     """
-    trainable = [p for p in module.parameters() if p.requires_grad and p.numel()]
-
     def reduce_gradients(bucket_size: int = 0) -> None:
-        for param in trainable:
-            if param.grad is None:
+        for param in module.parameters():
+            if param.requires_grad and param.numel() and param.grad is None:
                 param.grad = torch.zeros_like(param)
 
     engine.allreduce_gradients = reduce_gradients
