@@ -26,10 +26,8 @@ import cProfile
 import json
 import pstats
 import statistics
-import subprocess
-import sys
-import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,6 @@ import step_suite as suite
 import torch
 from scratch import scratch_dir
 from torch.profiler import ProfilerActivity, profile
-
-RESULT = "STEP_PROFILE_RESULT "
 
 # (label, path suffix of the function's file, function name): cumulative time per step.
 TRAINER_PARTS = (
@@ -95,56 +91,38 @@ def _cumulative(stats: pstats.Stats, suffix: str, function: str) -> float:
                if name == function and path.replace("\\", "/").endswith(suffix))
 
 
-def trainer_child(pair: suite.Pair, workdir: Path, steps: int, stock_reduction: bool) -> dict[str, Any]:
-    import gkd
-    import gkd.parallel.zero
-
-    if stock_reduction:  # DeepSpeed's own gradient reduction, also on one data-parallel rank
-        gkd.parallel.zero._skip_single_rank_reduction = lambda engine, module: None  # type: ignore[assignment]
-
-    class Clock(gkd.Callback):
-        def __init__(self) -> None:
-            self.start = 0.0
-            self.end = 0.0
-            self.count = 0
-
-        def on_stage_start(self, stage: Any) -> None:
-            self.start = time.perf_counter()
-
-        def on_step_end(self, info: Any) -> None:
-            self.end = time.perf_counter()
-            self.count += 1
-
-    clock = Clock()
-    profiler = cProfile.Profile()
-    config = suite.trainer_config(pair, workdir, steps - suite.WARMUP)
-    profiler.enable()
-    gkd.distill(config, callbacks=[clock], progress=False, echo=None)
-    profiler.disable()
-    stats = pstats.Stats(profiler)
-    parts = {label: _cumulative(stats, suffix, name) / clock.count for label, suffix, name in TRAINER_PARTS}
-    return {"step": (clock.end - clock.start) / clock.count, "parts": parts}
-
-
-def step_child(pair: suite.Pair, steps: int) -> dict[str, Any]:
-    loop = suite.GkdStep(pair)
-    data = suite.batches(pair, steps)
+def _profiled(run: Callable[[], list[float]]) -> dict[str, Any]:
+    """``run()`` (returning its step times) under cProfile: per step, the whole step and each of
+    ``TRAINER_PARTS``."""
     profiler = cProfile.Profile()
     profiler.enable()
-    times = loop.run(data)
+    times = run()
     profiler.disable()
     stats = pstats.Stats(profiler)
     parts = {label: _cumulative(stats, suffix, name) / len(times) for label, suffix, name in TRAINER_PARTS}
     return {"step": sum(times) / len(times), "parts": parts}
 
 
-def child(args: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
-                          check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"child {args[:2]} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT):])
+def trainer_child(pair: suite.Pair, workdir: Path, steps: int, stock_reduction: bool) -> dict[str, Any]:
+    import gkd
+    import gkd.parallel.zero
+
+    if stock_reduction:  # DeepSpeed's own gradient reduction, also on one data-parallel rank
+        gkd.parallel.zero._skip_single_rank_reduction = lambda engine, module: None  # type: ignore[assignment]
+    clock = suite.StepClock()
+    config = suite.trainer_config(pair, workdir, steps - suite.WARMUP)
+
+    def run() -> list[float]:
+        gkd.distill(config, callbacks=[clock], progress=False, echo=None)
+        return clock.times
+
+    return _profiled(run)
+
+
+def step_child(pair: suite.Pair, steps: int) -> dict[str, Any]:
+    loop = suite.GkdStep(pair)
+    data = suite.batches(pair, steps)
+    return _profiled(lambda: loop.run(data))
 
 
 def trainer_part(pair: suite.Pair, steps: int) -> None:
@@ -152,9 +130,10 @@ def trainer_part(pair: suite.Pair, steps: int) -> None:
     suite.prepare_trainer(pair, workdir, steps - suite.WARMUP)
     common = ["--pair", suite.pair_json(pair), "--steps", str(steps)]
     trainer = ["_trainer", *common, "--workdir", str(workdir)]
-    rows = {"gkd-step + torch AdamW": child(["_step", *common]),
-            "gkd distill (DeepSpeed engine)": child(trainer),
-            "gkd distill, DeepSpeed's own reduction on 1 rank": child([*trainer, "--stock-reduction"])}
+    script = Path(__file__)
+    rows = {"gkd-step + torch AdamW": suite.child(["_step", *common], script),
+            "gkd distill (DeepSpeed engine)": suite.child(trainer, script),
+            "gkd distill, DeepSpeed's own reduction on 1 rank": suite.child([*trainer, "--stock-reduction"], script)}
     suite.header(f"trainer: {pair.name}")
     print(f"cProfile, cumulative time per step over {steps} steps (warm-up included), each loop in its own "
           f"subprocess; cProfile's own cost inflates Python-heavy parts\n")
@@ -183,9 +162,9 @@ def main() -> None:
     elif args.part == "trainer":
         trainer_part(pair, args.steps or 12)
     elif args.part == "_trainer":
-        print(RESULT + json.dumps(trainer_child(pair, args.workdir, args.steps, args.stock_reduction)), flush=True)
+        print(suite.RESULT + json.dumps(trainer_child(pair, args.workdir, args.steps, args.stock_reduction)), flush=True)
     else:
-        print(RESULT + json.dumps(step_child(pair, args.steps)), flush=True)
+        print(suite.RESULT + json.dumps(step_child(pair, args.steps)), flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ from live_tensors import LiveTensorBytes
 from scratch import scratch_dir
 from torch import nn
 
+from gkd.engine.callbacks import Callback
 from gkd.engine.step import SelectedMethod, distill_step, step_context
 from gkd.methods.api import STUDENT, teacher_key
 from gkd.models import ModelConfig, build_model
@@ -512,21 +513,24 @@ def trainer_config(pair: Pair, workdir: Path, steps: int) -> dict[str, Any]:
     }
 
 
+class StepClock(Callback):
+    """The wall time of each training step of a ``gkd.distill`` run (start-up excluded)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last = 0.0
+
+    def on_stage_start(self, stage: Any) -> None:
+        self._last = time.perf_counter()
+
+    def on_step_end(self, info: Any) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+
+
 def trainer_child(pair: Pair, workdir: Path, steps: int) -> dict[str, Any]:
     import gkd
-
-    class StepClock(gkd.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._last = 0.0
-
-        def on_stage_start(self, stage: Any) -> None:
-            self._last = time.perf_counter()
-
-        def on_step_end(self, info: Any) -> None:
-            now = time.perf_counter()
-            self.times.append(now - self._last)
-            self._last = now
 
     clock = StepClock()
     gkd.distill(trainer_config(pair, workdir, steps), callbacks=[clock], progress=False, echo=None)
@@ -536,10 +540,10 @@ def trainer_child(pair: Pair, workdir: Path, steps: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- subprocesses and timing
 
 
-def child(args: list[str]) -> dict[str, Any]:
-    """Run this script's hidden ``_run`` part in a fresh process and return its JSON result."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_run", *args], capture_output=True,
-                          text=True, check=False)
+def child(args: list[str], script: Path = Path(__file__)) -> dict[str, Any]:
+    """Run ``script`` (this one: its hidden ``_run`` part) with ``args`` in a fresh process and return the
+    JSON result it printed after ``RESULT``."""
+    proc = subprocess.run([sys.executable, str(script.resolve()), *args], capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode or not lines:
         raise RuntimeError(f"child {args} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -547,7 +551,7 @@ def child(args: list[str]) -> dict[str, Any]:
 
 
 def run_child(loop: str, pair: Pair, steps: int, workdir: Path | None = None) -> dict[str, Any]:
-    args = [loop, "--pair", pair_json(pair), "--steps", str(steps)]
+    args = ["_run", loop, "--pair", pair_json(pair), "--steps", str(steps)]
     return child(args + (["--workdir", str(workdir)] if workdir else []))
 
 
